@@ -1,0 +1,9 @@
+"""jaxvpr: visual place recognition with domain adaptation in JAX/Flax.
+
+Where things live: ``jaxvpr.data`` (dataset format, positives, synthetic city, Grain pipelines),
+``jaxvpr.models`` (backbones, aggregation heads, gradient reversal), ``jaxvpr.train`` (recipes),
+``jaxvpr.evaluate`` (FAISS recall), ``jaxvpr.convert`` (PyTorch interop), ``jaxvpr.parallel``
+(mesh and shardings), ``jaxvpr.main`` (the command line entry point).
+"""
+
+__version__ = "0.1.0"
