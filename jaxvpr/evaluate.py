@@ -1,0 +1,374 @@
+"""Evaluation: descriptors -> FAISS exact kNN (L2) -> recall@{1,5,10,20} per threshold (SPEC §4).
+
+A query counts at N when any of its first N predictions is a positive: a database image within
+``distance_m`` metres and, when an angle is paired with the distance, within ``angle_deg`` degrees of
+heading (thesis Tables 5.2-5.21). The upper bound is the share of queries that have any positive.
+
+Command line::
+
+    python -m jaxvpr.evaluate --dataset DATA/images/test --queries queries_night \\
+        --model cosplace_resnet18_512 --random-init --resize 128 --out results/
+    python -m jaxvpr.evaluate --dataset /data/gangnam_b2/images/test --checkpoint CKPT \\
+        --thresholds 1,10,25,1,10,25 --angles -,-,-,5,30,60
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import faiss
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvpr.data.format import ImageFolder, SplitDataset, read_split
+from jaxvpr.data.positives import PositiveFinder, is_positive
+
+RECALL_VALUES = (1, 5, 10, 20)
+
+
+# ----------------------------------------------------------------------------- kNN and recall
+def knn(database: np.ndarray, queries: np.ndarray, k: int = max(RECALL_VALUES)) -> tuple[np.ndarray, np.ndarray]:
+    """Exact L2 nearest neighbours (FAISS IndexFlatL2): ``(squared distances, indices)``, each (Q, k).
+
+    When the database has fewer than ``k`` images, missing columns hold index -1.
+    """
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
+        raise ValueError(f"Descriptors must be (N, D) with equal D: database {database.shape}, queries {queries.shape}")
+    index = faiss.IndexFlatL2(database.shape[1])
+    index.add(database)
+    return index.search(queries, k)
+
+
+def recalls_from_hits(hits: np.ndarray, recall_values: Sequence[int] = RECALL_VALUES) -> dict[str, float]:
+    """Recall@N in percent from hits (Q, K) bool: a query counts at N if any of its first N hits is True."""
+    hits = np.asarray(hits, dtype=bool)
+    if hits.shape[0] == 0:
+        return {str(n): 0.0 for n in recall_values}
+    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
+    return {str(n): float(100.0 * np.mean(first_hit < n)) for n in recall_values}
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A positive criterion: distance in metres, optionally paired with a heading angle in degrees."""
+
+    distance_m: float
+    angle_deg: float | None = None
+
+    def label(self) -> str:
+        d = f"{self.distance_m:g}m"
+        return d if self.angle_deg is None else f"{d} {self.angle_deg:g}°"
+
+
+def parse_thresholds(distances: str | Sequence[float], angles: str | Sequence | None = None) -> list[Threshold]:
+    """``"25"`` -> [25 m]; ``"1,10,25"`` with ``"5,30,60"`` -> pairs; ``"-"`` in angles means none.
+
+    With fewer angles than distances, each angle pairs with the distance at the same position and the
+    distances left over are used alone; ``"1,10,25"`` + ``"5,30,60"`` gives the three paired
+    thresholds, and ``"1,10,25,1,10,25"`` + ``"-,-,-,5,30,60"`` the six of the thesis' tables.
+    """
+    def split(v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return list(v)
+
+    ds = [float(d) for d in split(distances)]
+    angs = split(angles)
+    if len(angs) > len(ds):
+        raise ValueError(f"{len(angs)} angles for {len(ds)} distances: each angle pairs with one distance.")
+    out = []
+    for i, d in enumerate(ds):
+        a = angs[i] if i < len(angs) else None
+        a = None if a in (None, "-", "none", "") else float(a)
+        if d <= 0 or (a is not None and not 0 < a <= 180):
+            raise ValueError(f"Threshold {d} m / {a}° out of range (distance > 0, 0 < angle <= 180).")
+        out.append(Threshold(d, a))
+    return out
+
+
+def compute_results(database: ImageFolder, queries: ImageFolder, predictions: np.ndarray,
+                    thresholds: Sequence[Threshold],
+                    recall_values: Sequence[int] = RECALL_VALUES) -> list[dict]:
+    """Recall@N and upper bound (percent) for each threshold, from kNN predictions (Q, K)."""
+    finder = PositiveFinder(database.utm, database.heading)
+    out = []
+    for t in thresholds:
+        hits = is_positive(database.utm, queries.utm, predictions, t.distance_m,
+                           database.heading, queries.heading, t.angle_deg)
+        upper = finder.has_positive(queries.utm, t.distance_m, queries.heading, t.angle_deg)
+        out.append({
+            "distance_m": t.distance_m,
+            "angle_deg": t.angle_deg,
+            "upper_bound": float(100.0 * upper.mean()) if len(upper) else 0.0,
+            "recall": recalls_from_hits(hits, recall_values),
+        })
+    return out
+
+
+def format_table(results: list[dict], title: str = "") -> str:
+    """A plain-text table: one row per threshold, columns R@N and the upper bound."""
+    keys = list(results[0]["recall"]) if results else [str(n) for n in RECALL_VALUES]
+    header = f"{'threshold':>12} | " + " | ".join(f"R@{k:>3}" for k in keys) + " | upper bound"
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+    for r in results:
+        label = Threshold(r["distance_m"], r["angle_deg"]).label()
+        lines.append(f"{label:>12} | " + " | ".join(f"{r['recall'][k]:5.1f}" for k in keys)
+                     + f" | {r['upper_bound']:5.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- descriptors
+@dataclasses.dataclass
+class Descriptors:
+    """Descriptors of a folder: ``values`` (N, D) float32; ``valid`` False where an image was skipped."""
+
+    values: np.ndarray
+    valid: np.ndarray
+    skipped_paths: list[str]
+
+
+def make_descriptor_fn(model, variables) -> Callable[[np.ndarray], jax.Array]:
+    """A jitted ``images (B,H,W,3) -> descriptors (B,D)`` in inference mode, batch split over devices."""
+    from jaxvpr import parallel
+
+    mesh = parallel.make_mesh()
+    shards = parallel.num_batch_shards(mesh)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def describe(images: np.ndarray) -> jax.Array:
+        if images.shape[0] % shards == 0:
+            images = jax.device_put(images, parallel.batch_sharding(mesh))
+        return apply(variables, images)
+
+    return describe
+
+
+def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 32, resize=None,
+                        num_workers: int = 0, skip_corrupt: bool = False, desc: str = "images",
+                        progress: bool = True) -> Descriptors:
+    """Descriptors of the images at ``paths`` (absolute), in order, batched with a padded last batch.
+
+    Images of differing sizes with no ``resize`` are described one at a time at their own size.
+    """
+    from tqdm.auto import tqdm
+
+    from jaxvpr.data import pipeline
+
+    batches = pipeline.eval_batches(paths, batch_size=batch_size, resize=resize,
+                                    num_workers=num_workers, skip_corrupt=skip_corrupt)
+    values = None
+    valid = np.zeros(len(paths), dtype=bool)
+    with tqdm(total=len(paths), desc=f"describing {desc}", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            out = np.asarray(jax.device_get(describe(batch["image"])), dtype=np.float32)
+            if values is None:
+                values = np.zeros((len(paths), out.shape[1]), dtype=np.float32)
+            keep = batch["valid"]
+            values[batch["index"][keep]] = out[keep]
+            valid[batch["index"][keep]] = True
+            bar.update(int((batch["index"] >= 0).sum()))
+    skipped = [paths[i] for i in np.flatnonzero(~valid)]
+    if values is None:
+        raise ValueError(f"No image of {desc} could be read ({len(paths)} listed).")
+    return Descriptors(values, valid, skipped)
+
+
+def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
+                         thresholds: Sequence[Threshold], queries_folder: str = "queries") -> tuple[dict, np.ndarray]:
+    """results.json content and the top-K predictions (indices into the database), from descriptors.
+
+    Skipped (unreadable) database images cannot be retrieved; skipped queries are left out of the
+    recall and counted in ``num_queries_skipped``.
+    """
+    db_rows = np.flatnonzero(db.valid)
+    q_rows = np.flatnonzero(q.valid)
+    k = max(RECALL_VALUES)
+    _, found = knn(db.values[db_rows], q.values[q_rows], k)
+    predictions = np.where(found >= 0, db_rows[np.maximum(found, 0)], -1)
+    queries = ImageFolder(split.queries.root, [split.queries.paths[i] for i in q_rows],
+                          split.queries.utm[q_rows], split.queries.heading[q_rows])
+    results = {
+        "dataset": split.name,
+        "queries_folder": queries_folder,
+        "num_database": int(len(db_rows)),
+        "num_queries": int(len(q_rows)),
+        "descriptor_dim": int(db.values.shape[1]),
+        "results": compute_results(split.database, queries, predictions, thresholds),
+    }
+    if len(db.skipped_paths) or len(q.skipped_paths):
+        results["num_database_skipped"] = len(db.skipped_paths)
+        results["num_queries_skipped"] = len(q.skipped_paths)
+        results["skipped_paths"] = db.skipped_paths + q.skipped_paths
+    full_predictions = np.full((len(split.queries), k), -1, dtype=np.int64)
+    full_predictions[q_rows] = predictions
+    return results, full_predictions
+
+
+def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str = "queries",
+             thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, queries_resize="same",
+             batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
+             out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
+             progress: bool = True) -> dict:
+    """Evaluates a model on ``<split_dir>/database`` vs ``<split_dir>/<queries_folder>``.
+
+    Returns the results dict (see module docstring); with ``out_dir`` writes ``results.json`` there and,
+    with ``save_descriptors``, the descriptors, top-20 predictions and the row order of each.
+    """
+    split = read_split(split_dir, queries_folder)
+    describe = make_descriptor_fn(model, variables)
+    q_resize = resize if queries_resize == "same" else queries_resize
+    start = time.time()
+    db = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
+                             skip_corrupt, "database", progress)
+    q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, q_resize, num_workers,
+                            skip_corrupt, queries_folder, progress)
+    results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder)
+    results["seconds"] = round(time.time() - start, 2)
+    if out_dir is not None:
+        write_results(out_dir, results, split, db, q, predictions, save_descriptors)
+    return results
+
+
+def write_results(out_dir, results: dict, split: SplitDataset, db: Descriptors, q: Descriptors,
+                  predictions: np.ndarray, save_descriptors: bool) -> None:
+    """Writes results.json (atomically) and optionally descriptors, predictions and row orders."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    if save_descriptors:
+        np.save(out_dir / "database_descriptors.npy", db.values)
+        np.save(out_dir / "queries_descriptors.npy", q.values)
+        np.save(out_dir / "predictions.npy", predictions)
+        atomic_write_text(out_dir / "database_paths.txt", "\n".join(split.database.paths) + "\n")
+        atomic_write_text(out_dir / "queries_paths.txt", "\n".join(split.queries.paths) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes via a temporary file and a rename: a killed run never leaves a half-written file."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_resize(spec: str | None):
+    """``""``/``none`` -> None; ``"N"`` -> shorter side to N; ``"H,W"`` or ``"HxW"`` -> (H, W)."""
+    if spec is None or str(spec).strip().lower() in ("", "none"):
+        return None
+    parts = str(spec).lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--resize {spec!r}: expected N (shorter side), H,W, or none") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return tuple(values)
+    raise ValueError(f"--resize {spec!r}: expected N (shorter side), H,W, or none")
+
+
+def load_for_evaluation(checkpoint: str | None, model_name: str | None, random_init: bool, seed: int,
+                        image_size: int = 224):
+    """``(model, variables, model_config)`` from a checkpoint, or an architecture with random weights."""
+    from jaxvpr.models import build_model, model_config
+
+    if checkpoint:
+        from jaxvpr.checkpoint import load_model
+
+        cfg, variables = load_model(checkpoint)
+        return build_model(cfg), variables, cfg
+    if not model_name:
+        raise ValueError("Give --checkpoint CKPT, or --model NAME --random-init.")
+    if not random_init:
+        raise ValueError(
+            f"--model {model_name} without --checkpoint: pass --random-init to evaluate random weights, "
+            "or convert published weights with `python -m jaxvpr.convert from-torch` and pass --checkpoint."
+        )
+    cfg = model_config(model_name)
+    model = build_model(cfg)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(seed))
+    return model, variables, cfg
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if FLAGS.list_models:
+        from jaxvpr.models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    if not FLAGS.dataset:
+        raise SystemExit("--dataset SPLIT_DIR is required (the folder holding database/ and the queries folder).")
+    thresholds = parse_thresholds(FLAGS.thresholds, FLAGS.angles)
+    model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
+    resize = parse_resize(FLAGS.resize)
+    q_resize = "same" if FLAGS.queries_resize == "same" else parse_resize(FLAGS.queries_resize)
+    results = evaluate(model, variables, FLAGS.dataset, FLAGS.queries, thresholds, resize, q_resize,
+                       FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
+                       FLAGS.save_descriptors)
+    title = (f"{results['dataset']} / {results['queries_folder']}: {results['num_queries']} queries, "
+             f"{results['num_database']} database images, {results['descriptor_dim']}-d")
+    print(format_table(results["results"], title))
+    if "num_queries_skipped" in results:
+        print(f"skipped unreadable images: {results['num_database_skipped']} database, "
+              f"{results['num_queries_skipped']} queries (listed in results.json)")
+    if FLAGS.out:
+        print(f"wrote {Path(FLAGS.out) / 'results.json'}")
+    return 0
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("dataset", None, "Split folder holding database/ and the queries folder, e.g. DATA/images/test.")
+    flags.DEFINE_string("queries", "queries", "Name of the queries folder inside --dataset.")
+    flags.DEFINE_string("thresholds", "25", "Distance thresholds in metres, comma separated.")
+    flags.DEFINE_string("angles", None, "Heading thresholds in degrees paired with --thresholds ('-' for none).")
+    flags.DEFINE_string("resize", None, "Resize images: N (shorter side to N), H,W, or none (native size).")
+    flags.DEFINE_string("queries_resize", "same", "Resize for queries if different from --resize ('same').")
+    flags.DEFINE_integer("batch_size", 32, "Images per batch (images of differing sizes go one at a time).")
+    flags.DEFINE_integer("num_workers", 0, "Decoding worker processes (0: in the main process).")
+    flags.DEFINE_boolean("skip_corrupt", False, "Skip unreadable images (counted in the report) instead of failing.")
+    flags.DEFINE_string("out", None, "Folder for results.json (and descriptors with --save_descriptors).")
+    flags.DEFINE_boolean("save_descriptors", False, "Also write descriptors, top-20 predictions and row orders.")
+    flags.DEFINE_string("checkpoint", None, "A jaxvpr checkpoint (converted weights or a training workdir).")
+    flags.DEFINE_string("model", None, "Model name (see --list_models) to evaluate with --random_init.")
+    flags.DEFINE_boolean("random_init", False, "Use random weights for --model.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
+    flags.DEFINE_boolean("list_models", False, "Print the names of the registered models and exit.")
+
+
+def underscore_flags(argv: list[str]) -> list[str]:
+    """Accepts ``--save-descriptors`` as well as absl's ``--save_descriptors``."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and not a.startswith("--config."):
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import app
+
+    define_flags()
+    app.run(main, argv=underscore_flags(sys.argv))

@@ -1,0 +1,108 @@
+"""Evaluator: kNN + recall against hand-computed cases and a brute-force numpy reference."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxvpr import evaluate as ev
+from jaxvpr.data.format import ImageFolder
+
+
+def _folder(utm, heading=None):
+    utm = np.asarray(utm, dtype=float)
+    heading = np.full(len(utm), np.nan) if heading is None else np.asarray(heading, dtype=float)
+    return ImageFolder(root=None, paths=[f"{i}.jpg" for i in range(len(utm))], utm=utm, heading=heading)
+
+
+def test_recalls_from_hits_hand_computed():
+    hits = np.array([
+        [True, False, False],   # found at 1
+        [False, False, True],   # found at 3
+        [False, False, False],  # never
+        [False, True, True],    # found at 2
+    ])
+    r = ev.recalls_from_hits(hits, (1, 2, 3))
+    assert r == {"1": 25.0, "2": 50.0, "3": 75.0}
+
+
+def test_knn_is_exact_l2():
+    db = np.array([[0, 0], [1, 0], [0, 2], [5, 5]], dtype=np.float32)
+    q = np.array([[0.9, 0.1], [0, 1.8]], dtype=np.float32)
+    d, i = ev.knn(db, q, k=3)
+    assert i.tolist() == [[1, 0, 2], [2, 0, 1]]
+    np.testing.assert_allclose(d[0], [0.02, 0.82, 4.42], rtol=1e-5)  # squared L2
+    _, i = ev.knn(db, q, k=6)  # more neighbours than images: -1 padding
+    assert (i[:, 4:] == -1).all()
+
+
+def test_compute_results_hand_computed():
+    # Database on a line every 10 m; query 0 stands at 3 m, query 1 at 48 m, query 2 far away.
+    database = _folder([[0, 0], [10, 0], [20, 0], [30, 0], [40, 0], [50, 0]], [0, 90, 180, 270, 0, 90])
+    queries = _folder([[3, 0], [48, 0], [1000, 0]], [10, 80, 0])
+    predictions = np.array([
+        [5, 3, 0, 1],   # db0 (3 m) at rank 3
+        [5, 4, 0, 1],   # db5 (2 m) at rank 1
+        [0, 1, 2, 3],   # nothing within 25 m
+    ])
+    res = ev.compute_results(database, queries, predictions,
+                             [ev.Threshold(5.0), ev.Threshold(25.0), ev.Threshold(25.0, 30.0)], (1, 2, 3))
+    assert res[0] == {"distance_m": 5.0, "angle_deg": None, "upper_bound": pytest.approx(200 / 3),
+                      "recall": {"1": pytest.approx(100 / 3), "2": pytest.approx(100 / 3), "3": pytest.approx(200 / 3)}}
+    # 25 m: query 0's db3 (27 m) at rank 2 is too far, db0 (3 m) at rank 3; query 1: db5 at rank 1.
+    assert res[1]["recall"] == {"1": pytest.approx(100 / 3), "2": pytest.approx(100 / 3), "3": pytest.approx(200 / 3)}
+    # 25 m + 30°: query 0 (10°) matches db0 (0°) and db4 is too far; query 1 (80°) matches db5 (90°).
+    assert res[2]["recall"]["1"] == pytest.approx(100 / 3)
+    assert res[2]["recall"]["3"] == pytest.approx(200 / 3)
+    assert res[2]["upper_bound"] == pytest.approx(200 / 3)
+
+
+def _brute_force_recalls(db_desc, q_desc, db_utm, q_utm, thr, ks):
+    d2 = ((q_desc[:, None, :] - db_desc[None, :, :]) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1, kind="stable")
+    geo = np.linalg.norm(q_utm[:, None] - db_utm[None], axis=-1) <= thr
+    out = {}
+    for k in ks:
+        out[str(k)] = 100.0 * np.mean([geo[i, order[i, :k]].any() for i in range(len(q_desc))])
+    return out, 100.0 * geo.any(1).mean()
+
+
+def test_recall_matches_brute_force_on_random_descriptors():
+    rng = np.random.default_rng(1)
+    n_db, n_q, dim = 2000, 300, 64
+    db_utm = rng.uniform(0, 300, (n_db, 2))
+    q_utm = db_utm[rng.integers(0, n_db, n_q)] + rng.normal(0, 8, (n_q, 2))
+    db_desc = rng.normal(size=(n_db, dim)).astype(np.float32)
+    # queries resemble their nearest database image, with noise: recall is neither 0 nor 100
+    nearest = np.argmin(np.linalg.norm(q_utm[:, None] - db_utm[None], axis=-1), axis=1)
+    q_desc = (db_desc[nearest] + rng.normal(0, 2.5, (n_q, dim))).astype(np.float32)
+    _, predictions = ev.knn(db_desc, q_desc, 20)
+    for thr in (5.0, 25.0):
+        res = ev.compute_results(_folder(db_utm), _folder(q_utm), predictions, [ev.Threshold(thr)])[0]
+        ref, upper = _brute_force_recalls(db_desc, q_desc, db_utm, q_utm, thr, ev.RECALL_VALUES)
+        for k in ref:
+            assert res["recall"][k] == pytest.approx(ref[k], abs=1e-9)
+        assert res["upper_bound"] == pytest.approx(upper)
+    assert 5 < res["recall"]["1"] < 95
+
+
+def test_parse_thresholds_and_resize():
+    assert ev.parse_thresholds("25") == [ev.Threshold(25.0)]
+    t = ev.parse_thresholds("1,10,25,1,10,25", "-,-,-,5,30,60")
+    assert [x.label() for x in t] == ["1m", "10m", "25m", "1m 5°", "10m 30°", "25m 60°"]
+    assert ev.parse_thresholds("1,10,25", "5,30,60")[2] == ev.Threshold(25.0, 60.0)
+    with pytest.raises(ValueError):
+        ev.parse_thresholds("25", "5,30")
+    assert ev.parse_resize(None) is None and ev.parse_resize("none") is None
+    assert ev.parse_resize("480") == 480 and ev.parse_resize("480,640") == (480, 640)
+    assert ev.parse_resize("480x640") == (480, 640)
+    with pytest.raises(ValueError):
+        ev.parse_resize("big")
+
+
+def test_format_table_lists_every_threshold():
+    res = [{"distance_m": 25.0, "angle_deg": None, "upper_bound": 100.0, "recall": {"1": 50.0, "5": 75.0}},
+           {"distance_m": 10.0, "angle_deg": 30.0, "upper_bound": 90.0, "recall": {"1": 40.0, "5": 60.0}}]
+    table = ev.format_table(res, "title")
+    assert "25m" in table and "10m 30°" in table and "75.0" in table and "90.0" in table
+    json.dumps(res)
