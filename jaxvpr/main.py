@@ -1,0 +1,82 @@
+"""The jaxvpr entry point: a config file in, a run out. Dispatches on ``config.recipe``.
+
+    python -m jaxvpr.main --config configs/demo.py --workdir /tmp/jaxvpr_demo [--config.field=value ...]
+
+Any config field can be overridden on the command line; an unknown field is an error. Recipes:
+
+- ``evaluate``: describe a split's database and query folders with a model and report recalls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder (logs, checkpoints, results). Default: workdir/<config name>.")
+
+
+def resolve_data_root(data_cfg: ConfigDict) -> Path:
+    """The dataset root: ``data.root``, else ``$JAXVPR_DATA``, else the synthetic city (generated once)."""
+    root = data_cfg.get("root") or os.environ.get("JAXVPR_DATA", "")
+    if root:
+        root = Path(root).expanduser()
+        if not (root / "images").is_dir():
+            raise SystemExit(
+                f"Dataset root {str(root)!r} has no 'images/' folder. The community layout is "
+                "<root>/images/{train,val,test}/{database,queries}/ (see README, 'Datasets')."
+            )
+        return root
+    from jaxvpr.data.synthetic import ensure_city
+
+    return ensure_city(preset=data_cfg.synthetic_preset, seed=data_cfg.synthetic_seed)
+
+
+def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
+    """Evaluates ``config.model`` (a checkpoint, or random weights) on every configured query folder."""
+    from jaxvpr import evaluate as ev
+
+    root = resolve_data_root(config.data)
+    model, variables, _ = ev.load_for_evaluation(
+        config.model.checkpoint or None, config.model.name, not config.model.checkpoint, config.seed,
+        image_size=config.data.image_size)
+    thresholds = ev.parse_thresholds(config.eval.thresholds, config.eval.angles or None)
+    resize = ev.parse_resize(config.eval.resize)
+    all_results = {}
+    for queries in config.eval.queries:
+        out = workdir / config.eval.split / queries
+        res = ev.evaluate(model, variables, root / "images" / config.eval.split, queries, thresholds,
+                          resize, batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
+                          out_dir=out)
+        print(ev.format_table(res["results"], f"\n{config.eval.split}/{queries}: {res['num_queries']} queries, "
+                                              f"{res['num_database']} database images"))
+        all_results[queries] = res
+    (workdir / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    print(f"\nwrote {workdir / 'results.json'}")
+    return all_results
+
+
+RECIPES = {"evaluate": run_evaluate}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config configs/<name>.py is required.")
+    if config.recipe not in RECIPES:
+        raise app.UsageError(f"config.recipe={config.recipe!r}; known recipes: {sorted(RECIPES)}")
+    name = Path(flags.FLAGS["config"].config_filename).stem
+    workdir = Path(flags.FLAGS.workdir or Path("workdir") / name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.info("recipe %s, workdir %s", config.recipe, workdir)
+    RECIPES[config.recipe](config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
