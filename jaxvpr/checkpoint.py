@@ -15,6 +15,7 @@ one of its step folders, or a training workdir.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,23 @@ def save_model(directory: str | os.PathLike, model_cfg, variables, step: int = 0
     return directory
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int | None]:
-    """Finds the checkpoint directory behind ``path`` and, if ``path`` names a step, that step."""
+def resolve_checkpoint_dir(path: str | os.PathLike, which: str = "best") -> tuple[Path, int | None]:
+    """Finds the checkpoint directory behind ``path`` and, if ``path`` names a step, that step.
+
+    A training workdir gives ``<workdir>/best`` for ``which="best"`` (when a best model was saved),
+    else ``<workdir>/checkpoints``.
+    """
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.")
-    if (path / "checkpoints").is_dir():  # a training workdir
+    if (path / "checkpoints").is_dir() or (path / "best").is_dir():  # a training workdir
+        best = path / "best"
+        if which == "best" and best.is_dir() and _has_steps(best):
+            return best, None
         return path / "checkpoints", None
     if (path / "meta").is_dir() and path.name.isdigit():  # one step folder
         return path.parent, int(path.name)
-    if any(p.name.isdigit() and (p / "meta").is_dir() for p in path.iterdir()):
+    if _has_steps(path):
         return path, None
     raise CheckpointError(
         f"{str(path)!r} is not a jaxvpr checkpoint: expected numbered step folders holding 'model/' and "
@@ -72,21 +80,22 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int | None]:
     )
 
 
+def _has_steps(path: Path) -> bool:
+    return path.is_dir() and any(p.name.isdigit() and (p / "meta").is_dir() for p in path.iterdir())
+
+
 def _choose_step(manager: ocp.CheckpointManager, which: str, directory: Path) -> int:
     steps = manager.all_steps()
     if not steps:
         raise CheckpointError(f"{directory} holds no complete checkpoint.")
-    if which == "best":
-        best = manager.best_step()
-        return best if best is not None else manager.latest_step()
-    if which == "latest":
-        return manager.latest_step()
-    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    return manager.latest_step()
 
 
 def read_meta(path: str | os.PathLike, which: str = "best") -> tuple[dict, Path, int]:
     """The ``meta`` JSON of the chosen step, with the directory and the step number."""
-    directory, step = resolve_checkpoint_dir(path)
+    directory, step = resolve_checkpoint_dir(path, which)
     with ocp.CheckpointManager(directory, item_names=("model", "meta")) as manager:
         step = _choose_step(manager, which, directory) if step is None else step
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -96,7 +105,7 @@ def read_meta(path: str | os.PathLike, which: str = "best") -> tuple[dict, Path,
 
 
 def load_model(path: str | os.PathLike, which: str = "best") -> tuple[ConfigDict, Any]:
-    """Returns ``(model_config, variables)`` of a checkpoint (the best step of a training run by default).
+    """Returns ``(model_config, variables)`` of a checkpoint (the best model of a training run by default).
 
     Arrays are restored against the shapes the model config builds, so a checkpoint written for
     another architecture is an error that names the mismatching tensors rather than a silent misuse.
@@ -108,20 +117,15 @@ def load_model(path: str | os.PathLike, which: str = "best") -> tuple[ConfigDict
     with ocp.CheckpointManager(directory, item_names=("model", "meta")) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
     variables = restored["model"]
-    expected = abstract_variables(cfg)
-    check_tree_matches(expected, variables, f"{directory}/{step}/model")
+    check_tree_matches(abstract_variables(cfg), variables, f"{directory}/{step}/model")
     return cfg, variables
 
 
-def abstract_variables(cfg, image_size: int = 224):
+def abstract_variables(cfg):
     """Shapes and dtypes of the variables of the model ``cfg`` builds (no computation)."""
-    import jax.numpy as jnp
-    from jaxvpr.models import build_model
+    from jaxvpr.models import variable_shapes
 
-    model = build_model(cfg)
-    size = int(cfg.get("image_size", image_size) or image_size) if hasattr(cfg, "get") else image_size
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return variable_shapes(cfg)
 
 
 def check_tree_matches(expected, actual, where: str) -> None:
@@ -140,3 +144,84 @@ def check_tree_matches(expected, actual, where: str) -> None:
         lines += [f"  unexpected: {k}" for k in unexpected]
         lines += [f"  wrong shape: {s}" for s in shapes]
         raise CheckpointError("\n".join(lines))
+
+
+class TrainCheckpointer:
+    """Checkpoints of a training run: ``<workdir>/checkpoints`` (the last ``keep``) and ``<workdir>/best``.
+
+    Every step folder holds ``model`` (params + batch stats, so ``load_model(workdir)`` works),
+    ``train`` (optimizer states, discriminator, step), ``classifiers`` (every group's CosFace weight
+    and Adam state, host arrays) and ``meta`` (model config, run config, progress: epoch, iteration
+    within the epoch -- the data iterators' position --, best recall). Orbax writes each step to a
+    temporary folder and renames it when complete: a run killed at any moment leaves only whole steps.
+    """
+
+    ITEMS = ("model", "train", "classifiers", "meta")
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2):
+        workdir = Path(workdir).absolute()
+        self.manager = ocp.CheckpointManager(
+            workdir / "checkpoints", item_names=self.ITEMS,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.best = ocp.CheckpointManager(
+            workdir / "best", item_names=("model", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    @staticmethod
+    def _split(state) -> tuple[dict, dict]:
+        model = {"params": state.params, "batch_stats": state.batch_stats}
+        train = {"step": state.step, "opt_state": state.opt_state, "disc_params": state.disc_params,
+                 "disc_opt": state.disc_opt}
+        return model, train
+
+    def save(self, state, classifiers: list[dict], progress: dict, model_cfg, config, is_best: bool = False) -> None:
+        step = int(state.step)
+        model, train = self._split(state)
+        meta = {"format": FORMAT, "model": _as_dict(model_cfg), "progress": dict(progress),
+                "config": json.loads(config.to_json_best_effort())}
+        store = {f"group_{g}": c for g, c in enumerate(classifiers)}
+        if is_best and step not in self.best.all_steps():
+            self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                                         meta=ocp.args.JsonSave(meta)))
+            self.best.wait_until_finished()
+        if step not in self.manager.all_steps():
+            self.manager.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
+                classifiers=ocp.args.StandardSave(store), meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+
+    def restore_latest(self, state, classifiers: list[dict]):
+        """``(state, classifiers, progress)`` from the latest step, or None when there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        model_t, train_t = self._split(state)
+        store_t = {f"group_{g}": c for g, c in enumerate(classifiers)}
+        to_abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        try:
+            r = self.manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(to_abstract(model_t)),
+                train=ocp.args.StandardRestore(to_abstract(train_t)),
+                classifiers=ocp.args.StandardRestore(to_abstract(store_t)),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # a checkpoint of another run or model: say where, keep it intact
+            raise CheckpointError(
+                f"Cannot resume from {self.manager.directory}/{step}: {e}\nIt was written by a different model or "
+                "setting; use another --workdir (nothing was changed in this one).") from e
+        model, train = r["model"], r["train"]
+        state = state.replace(step=train["step"], params=model["params"], batch_stats=model["batch_stats"],
+                              opt_state=train["opt_state"], disc_params=train["disc_params"], disc_opt=train["disc_opt"])
+        classifiers = [r["classifiers"][f"group_{g}"] for g in range(len(classifiers))]
+        classifiers = [jax.tree.map(np.asarray, c) for c in classifiers]
+        return state, classifiers, r["meta"]["progress"]
+
+    def load_best_variables(self, model_cfg):
+        step = self.best.latest_step()
+        if step is None:
+            return None
+        r = self.best.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
+        return r["model"]
+
+    def close(self) -> None:
+        self.manager.close()
+        self.best.close()

@@ -138,36 +138,53 @@ class Descriptors:
     skipped_paths: list[str]
 
 
+class Describer:
+    """Jitted inference ``(variables, images) -> descriptors`` of one model, compiled once per shape.
+
+    Batches whose size is a multiple of the device count are split over the mesh's batch axes;
+    variables are replicated. Build one per model and reuse it (e.g. every epoch of a training run).
+    """
+
+    def __init__(self, model, mesh=None):
+        from jaxvpr import parallel
+
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        self._shards = parallel.num_batch_shards(self.mesh)
+        self._batch = parallel.batch_sharding(self.mesh)
+        self._replicated = parallel.replicated(self.mesh)
+        self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def bind(self, variables) -> Callable[[np.ndarray], jax.Array]:
+        variables = jax.device_put(variables, self._replicated)
+
+        def describe(images: np.ndarray) -> jax.Array:
+            if images.shape[0] % self._shards == 0:
+                images = jax.device_put(images, self._batch)
+            return self._apply(variables, images)
+
+        return describe
+
+
 def make_descriptor_fn(model, variables) -> Callable[[np.ndarray], jax.Array]:
     """A jitted ``images (B,H,W,3) -> descriptors (B,D)`` in inference mode, batch split over devices."""
-    from jaxvpr import parallel
-
-    mesh = parallel.make_mesh()
-    shards = parallel.num_batch_shards(mesh)
-    variables = jax.device_put(variables, parallel.replicated(mesh))
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-
-    def describe(images: np.ndarray) -> jax.Array:
-        if images.shape[0] % shards == 0:
-            images = jax.device_put(images, parallel.batch_sharding(mesh))
-        return apply(variables, images)
-
-    return describe
+    return Describer(model).bind(variables)
 
 
 def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 32, resize=None,
                         num_workers: int = 0, skip_corrupt: bool = False, desc: str = "images",
-                        progress: bool = True) -> Descriptors:
+                        progress: bool = True, mixed_sizes: bool = False) -> Descriptors:
     """Descriptors of the images at ``paths`` (absolute), in order, batched with a padded last batch.
 
-    Images of differing sizes with no ``resize`` are described one at a time at their own size.
+    With ``mixed_sizes`` (queries such as Tokyo 24/7's phone photos at native size), images are
+    grouped by size from their headers and each size is batched on its own (one compilation per
+    distinct size); otherwise every batch must hold one size (a fixed ``resize`` guarantees it).
     """
     from tqdm.auto import tqdm
 
     from jaxvpr.data import pipeline
 
-    batches = pipeline.eval_batches(paths, batch_size=batch_size, resize=resize,
-                                    num_workers=num_workers, skip_corrupt=skip_corrupt)
+    make = pipeline.eval_batches_by_size if mixed_sizes else pipeline.eval_batches
+    batches = make(paths, batch_size=batch_size, resize=resize, num_workers=num_workers, skip_corrupt=skip_corrupt)
     values = None
     valid = np.zeros(len(paths), dtype=bool)
     with tqdm(total=len(paths), desc=f"describing {desc}", unit="img", disable=not progress) as bar:
@@ -216,6 +233,25 @@ def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
     return results, full_predictions
 
 
+def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str = "queries",
+                   thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, queries_resize="same",
+                   batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
+                   out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
+                   progress: bool = True) -> dict:
+    """Describes the split's database and queries with ``describe`` and computes the results dict."""
+    q_resize = resize if queries_resize == "same" else queries_resize
+    start = time.time()
+    db = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
+                             skip_corrupt, "database", progress)
+    q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, q_resize, num_workers,
+                            skip_corrupt, queries_folder, progress, mixed_sizes=True)
+    results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder)
+    results["seconds"] = round(time.time() - start, 2)
+    if out_dir is not None:
+        write_results(out_dir, results, split, db, q, predictions, save_descriptors)
+    return results
+
+
 def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str = "queries",
              thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, queries_resize="same",
              batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
@@ -227,18 +263,9 @@ def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str
     with ``save_descriptors``, the descriptors, top-20 predictions and the row order of each.
     """
     split = read_split(split_dir, queries_folder)
-    describe = make_descriptor_fn(model, variables)
-    q_resize = resize if queries_resize == "same" else queries_resize
-    start = time.time()
-    db = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
-                             skip_corrupt, "database", progress)
-    q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, q_resize, num_workers,
-                            skip_corrupt, queries_folder, progress)
-    results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder)
-    results["seconds"] = round(time.time() - start, 2)
-    if out_dir is not None:
-        write_results(out_dir, results, split, db, q, predictions, save_descriptors)
-    return results
+    return evaluate_split(make_descriptor_fn(model, variables), split, queries_folder, thresholds, resize,
+                          queries_resize, batch_size, num_workers, skip_corrupt, out_dir, save_descriptors,
+                          progress)
 
 
 def write_results(out_dir, results: dict, split: SplitDataset, db: Descriptors, q: Descriptors,

@@ -52,3 +52,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def num_batch_shards(mesh: Mesh) -> int:
     """How many pieces a batch is split into: its size must be a multiple of this."""
     return int(np.prod([mesh.shape[a] for a in DATA_AXES]))
+
+
+def param_sharding(shape: tuple[int, ...], mesh: Mesh, shard_params: bool, min_size: int = 2**18) -> NamedSharding:
+    """Replicated, or (FSDP-style, ``shard_params``) split along the largest dimension divisible by
+    the number of batch shards, for arrays of at least ``min_size`` elements."""
+    n = num_batch_shards(mesh)
+    if not shard_params or n == 1 or int(np.prod(shape)) < min_size:
+        return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            spec = [None] * len(shape)
+            spec[dim] = DATA_AXES
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def state_shardings(tree, mesh: Mesh, shard_params: bool = False):
+    """A sharding for every array leaf of a train state (parameters and their optimizer moments alike)."""
+    return jax.tree.map(lambda x: param_sharding(tuple(np.shape(x)), mesh, shard_params), tree)
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assembles each process's rows into global arrays split over the batch axes.
+
+    ``local[k]`` holds this process's consecutive rows of the global batch (process p holds rows
+    [p * B / P, (p + 1) * B / P)); with one process it is the whole batch.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
