@@ -4,6 +4,8 @@
 
 Any config field can be overridden on the command line; an unknown field is an error. Recipes:
 
+- ``cosplace``: CosPlace training, with GRL domain adaptation when ``grl.enabled`` (thesis ch. 4);
+  see ``jaxvpr/train/cosplace.py`` and ``jaxvpr/train/config.py`` for every field.
 - ``evaluate``: describe a split's database and query folders with a model and report recalls.
 """
 
@@ -60,7 +62,13 @@ def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
     return all_results
 
 
-RECIPES = {"evaluate": run_evaluate}
+def run_cosplace(config: ConfigDict, workdir: Path) -> dict:
+    from jaxvpr.train.cosplace import train
+
+    return train(config, workdir)
+
+
+RECIPES = {"cosplace": run_cosplace, "evaluate": run_evaluate}
 
 
 def main(argv):

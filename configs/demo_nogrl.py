@@ -1,0 +1,17 @@
+"""The demo without gradient reversal: the baseline against which configs/demo.py's GRL is measured.
+
+    python -m jaxvpr.main --config configs/demo_nogrl.py --workdir workdir/demo_nogrl
+"""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("demo", Path(__file__).with_name("demo.py"))
+_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_demo)
+
+
+def get_config():
+    c = _demo.get_config()
+    c.grl.enabled = False
+    return c
