@@ -34,7 +34,9 @@ def cosplace_config() -> ConfigDict:
     c.data.cache_dir = ""              # CosPlace groups cache; default <workdir>/cache
 
     c.model = ConfigDict()
-    c.model.name = "cosplace_resnet18_512"
+    c.model.name = "cosplace_resnet18_512"  # a registry name (python -m jaxvpr.evaluate --list-models)
+    c.model.backbone = ""              # with head: free composition instead of a name, e.g. resnet50 + gem
+    c.model.head = ""
     c.model.init_checkpoint = ""       # jaxvpr checkpoint (e.g. converted CosPlace hub weights)
     c.model.fc_output_dim = 0          # 0: the named model's descriptor size
     c.model.trainable_stages = -1      # -1: the model's default (CosPlace ResNet: layer3+layer4)

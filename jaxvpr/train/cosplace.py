@@ -73,12 +73,16 @@ def run_model_config(config: ConfigDict) -> ConfigDict:
         overrides["fc_output_dim"] = int(config.model.fc_output_dim)
     if config.model.trainable_stages != -1:
         overrides["trainable_stages"] = config.model.trainable_stages
+    if config.model.backbone or config.model.head:
+        if not (config.model.backbone and config.model.head):
+            raise ValueError("config.model.backbone and config.model.head go together (free composition).")
+        return model_config({"backbone": config.model.backbone, "head": config.model.head}, **overrides)
     return model_config(config.model.name, **overrides)
 
 
-def make_optimizers(config: ConfigDict, params) -> tuple[optax.GradientTransformation, ...]:
+def make_optimizers(config: ConfigDict, params, model_cfg: ConfigDict | None = None) -> tuple[optax.GradientTransformation, ...]:
     """Adam for the model (frozen parameters: no update, no state), classifiers and discriminator."""
-    mask = frozen_mask(run_model_config(config), params)
+    mask = frozen_mask(model_cfg if model_cfg is not None else run_model_config(config), params)
     labels = jax.tree.map(lambda frozen: "frozen" if frozen else "train", mask)
     model_tx = optax.multi_transform({"train": optax.adam(config.train.lr), "frozen": optax.set_to_zero()}, labels)
     return model_tx, optax.adam(config.train.classifiers_lr), optax.adam(config.grl.lr)
@@ -266,7 +270,7 @@ class Trainer:
 
     def initial_state(self, variables, classifier: dict) -> TrainState:
         params = variables["params"]
-        self.txs = make_optimizers(self.config, params)
+        self.txs = make_optimizers(self.config, params, self.model_cfg)
         model_tx, cls_tx, disc_tx = self.txs
         in_dim = feature_dim(self.model_cfg) if self.config.grl.attach == "features" else self.dim
         disc_params = self.discriminator.init(jax.random.key(self.config.seed + 1), jnp.zeros((1, in_dim)))["params"]
@@ -312,7 +316,7 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     variables = trainer.initial_variables()
-    trainer.txs = make_optimizers(config, variables["params"])
+    trainer.txs = make_optimizers(config, variables["params"], trainer.model_cfg)
     classifiers = trainer.init_classifiers()
     state = trainer.initial_state(variables, classifiers[0])
     progress = {"epoch": 0, "step_in_epoch": 0, "best_recall": -1.0, "best_epoch": -1}
