@@ -148,14 +148,18 @@ class Describer:
     def __init__(self, model, mesh=None):
         from jaxvpr import parallel
 
-        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        # Each process describes its own share of the images on its own devices (see
+        # extract_descriptors), so the default mesh holds this process's devices only.
+        self.mesh = parallel.local_mesh() if mesh is None else mesh
         self._shards = parallel.num_batch_shards(self.mesh)
         self._batch = parallel.batch_sharding(self.mesh)
         self._replicated = parallel.replicated(self.mesh)
         self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     def bind(self, variables) -> Callable[[np.ndarray], jax.Array]:
-        variables = jax.device_put(variables, self._replicated)
+        from jaxvpr import parallel
+
+        variables = jax.device_put(parallel.to_host(variables), self._replicated)
 
         def describe(images: np.ndarray) -> jax.Array:
             if images.shape[0] % self._shards == 0:
@@ -175,6 +179,8 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
                         progress: bool = True, mixed_sizes: bool = False) -> Descriptors:
     """Descriptors of the images at ``paths`` (absolute), in order, batched with a padded last batch.
 
+    With several processes, each describes one block of the paths and the blocks are gathered, so
+    every process ends with all descriptors (and the same recalls as one process).
     With ``mixed_sizes`` (queries such as Tokyo 24/7's phone photos at native size), images are
     grouped by size from their headers and each size is batched on its own (one compilation per
     distinct size); otherwise every batch must hold one size (a fixed ``resize`` guarantees it).
@@ -183,22 +189,33 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
 
     from jaxvpr.data import pipeline
 
-    make = pipeline.eval_batches_by_size if mixed_sizes else pipeline.eval_batches
-    batches = make(paths, batch_size=batch_size, resize=resize, num_workers=num_workers, skip_corrupt=skip_corrupt)
+    from jaxvpr import parallel
+
+    start, stop, per = parallel.process_rows(len(paths))
+    mine = paths[start:stop]
     values = None
-    valid = np.zeros(len(paths), dtype=bool)
-    with tqdm(total=len(paths), desc=f"describing {desc}", unit="img", disable=not progress) as bar:
-        for batch in batches:
-            out = np.asarray(jax.device_get(describe(batch["image"])), dtype=np.float32)
-            if values is None:
-                values = np.zeros((len(paths), out.shape[1]), dtype=np.float32)
-            keep = batch["valid"]
-            values[batch["index"][keep]] = out[keep]
-            valid[batch["index"][keep]] = True
-            bar.update(int((batch["index"] >= 0).sum()))
-    skipped = [paths[i] for i in np.flatnonzero(~valid)]
-    if values is None:
+    valid = np.zeros(per, dtype=bool)
+    if mine:
+        make = pipeline.eval_batches_by_size if mixed_sizes else pipeline.eval_batches
+        batches = make(mine, batch_size=batch_size, resize=resize, num_workers=num_workers, skip_corrupt=skip_corrupt)
+        show = progress and parallel.is_main_process()
+        with tqdm(total=len(mine), desc=f"describing {desc}", unit="img", disable=not show) as bar:
+            for batch in batches:
+                out = np.asarray(jax.device_get(describe(batch["image"])), dtype=np.float32)
+                if values is None:
+                    values = np.zeros((per, out.shape[1]), dtype=np.float32)
+                keep = batch["valid"]
+                values[batch["index"][keep]] = out[keep]
+                valid[batch["index"][keep]] = True
+                bar.update(int((batch["index"] >= 0).sum()))
+    dim = int(parallel.gather_rows(np.array([-1 if values is None else values.shape[1]]), jax.process_count()).max())
+    if dim < 0:
         raise ValueError(f"No image of {desc} could be read ({len(paths)} listed).")
+    if values is None:
+        values = np.zeros((per, dim), dtype=np.float32)
+    values = parallel.gather_rows(values, len(paths))
+    valid = parallel.gather_rows(valid, len(paths))
+    skipped = [paths[i] for i in np.flatnonzero(~valid)]
     return Descriptors(values, valid, skipped)
 
 

@@ -12,7 +12,7 @@ Any config field can be overridden on the command line; an unknown field is an e
 from __future__ import annotations
 
 import json
-import os
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -22,27 +22,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 flags.DEFINE_string("workdir", None, "Run folder (logs, checkpoints, results). Default: workdir/<config name>.")
 
 
-def resolve_data_root(data_cfg: ConfigDict) -> Path:
-    """The dataset root: ``data.root``, else ``$JAXVPR_DATA``, else the synthetic city (generated once)."""
-    root = data_cfg.get("root") or os.environ.get("JAXVPR_DATA", "")
-    if root:
-        root = Path(root).expanduser()
-        if not (root / "images").is_dir():
-            raise SystemExit(
-                f"Dataset root {str(root)!r} has no 'images/' folder. The community layout is "
-                "<root>/images/{train,val,test}/{database,queries}/ (see README, 'Datasets')."
-            )
-        return root
-    from jaxvpr.data.synthetic import ensure_city
-
-    return ensure_city(preset=data_cfg.synthetic_preset, seed=data_cfg.synthetic_seed)
-
-
 def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
     """Evaluates ``config.model`` (a checkpoint, or random weights) on every configured query folder."""
     from jaxvpr import evaluate as ev
 
-    root = resolve_data_root(config.data)
+    from jaxvpr.data.format import dataset_root
+
+    root = dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
     model, variables, _ = ev.load_for_evaluation(
         config.model.checkpoint or None, config.model.name, not config.model.checkpoint, config.seed,
         image_size=config.data.image_size)
@@ -79,11 +65,22 @@ def main(argv):
         raise app.UsageError("--config configs/<name>.py is required.")
     if config.recipe not in RECIPES:
         raise app.UsageError(f"config.recipe={config.recipe!r}; known recipes: {sorted(RECIPES)}")
+    from jaxvpr import parallel
+
+    parallel.initialize()
     name = Path(flags.FLAGS["config"].config_filename).stem
     workdir = Path(flags.FLAGS.workdir or Path("workdir") / name)
     workdir.mkdir(parents=True, exist_ok=True)
     logging.info("recipe %s, workdir %s", config.recipe, workdir)
-    RECIPES[config.recipe](config, workdir)
+    from jaxvpr.checkpoint import CheckpointError
+    from jaxvpr.data.format import DatasetError
+    from jaxvpr.train.cosplace import NonFiniteLossError
+
+    try:
+        RECIPES[config.recipe](config, workdir)
+    except (DatasetError, CheckpointError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

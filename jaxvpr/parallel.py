@@ -7,11 +7,80 @@ is trivial, so the same program runs unchanged on a laptop, N GPUs or a TPU pod.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import jax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
+
+# Environment variables of an explicit multi-process launch (launch/local_multiprocess.sh sets them).
+ENV_COORDINATOR = "JAXVPR_COORDINATOR"      # host:port of process 0
+ENV_NUM_PROCESSES = "JAXVPR_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXVPR_PROCESS_ID"
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout_seconds: int = 100) -> str:
+    """Starts JAX's distributed runtime when the run spans several processes; returns how it started.
+
+    Order of precedence:
+    1. explicit arguments, or the ``JAXVPR_COORDINATOR`` / ``JAXVPR_NUM_PROCESSES`` /
+       ``JAXVPR_PROCESS_ID`` environment variables ("explicit");
+    2. a SLURM job with more than one task ("slurm": JAX reads ``SLURM_*``);
+    3. a multi-host TPU VM pod ("tpu": JAX reads the TPU metadata);
+    4. otherwise one process ("single").
+    On CPU, collectives go through gloo. A process that stops sending heartbeats for
+    ``heartbeat_timeout_seconds`` makes the others fail with an error instead of hanging.
+    """
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
+    if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+        num_processes = int(os.environ[ENV_NUM_PROCESSES])
+    if process_id is None and os.environ.get(ENV_PROCESS_ID):
+        process_id = int(os.environ[ENV_PROCESS_ID])
+    if jax.distributed.is_initialized():
+        return "already"
+    mode = "single"
+    if coordinator_address and (num_processes or 1) > 1:
+        mode = "explicit"
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        mode = "slurm"
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        mode = "tpu"
+    if mode != "single":
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin():
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if mode == "explicit":
+            if process_id is None:
+                raise ValueError(f"{ENV_PROCESS_ID} (or process_id) is required with a coordinator address.")
+            jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                       heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        else:
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    logging.info("jax %s: process %d of %d, %d local / %d global devices (%s)", mode, jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    return mode
+
+
+def _has_accelerator_plugin() -> bool:
+    try:
+        import importlib.util
+
+        return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "libtpu"))
+    except (ImportError, ValueError):
+        return False
+
+
+def is_main_process() -> bool:
+    """Only process 0 writes logs, plots and results."""
+    return jax.process_index() == 0
+
+
+def describe_topology(mesh: Mesh) -> str:
+    return (f"{jax.process_count()} process(es), {jax.local_device_count()} local / {jax.device_count()} "
+            f"global {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -31,6 +100,40 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
             "Set mesh.data=-1 to use all of them."
         )
     return Mesh(np.asarray(devices).reshape(data, fsdp), DATA_AXES)
+
+
+def local_mesh() -> Mesh:
+    """A mesh over this process's devices only (per-process work such as descriptor extraction)."""
+    return make_mesh(devices=jax.local_devices())
+
+
+def to_host(tree):
+    """Numpy copies of a pytree of (possibly multi-process, possibly sharded) arrays, on every process."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def gather_rows(local: np.ndarray, total: int) -> np.ndarray:
+    """Concatenates each process's equally-sized block of rows in process order, cut to ``total`` rows."""
+    if jax.process_count() == 1:
+        return local[:total]
+    from jax.experimental import multihost_utils
+
+    stacked = np.asarray(multihost_utils.process_allgather(local))  # (processes, rows, ...)
+    return stacked.reshape((-1,) + stacked.shape[2:])[:total]
+
+
+def process_rows(total: int) -> tuple[int, int, int]:
+    """This process's block ``[start, stop)`` of ``total`` rows and the common block size."""
+    per = -(-total // jax.process_count())
+    start = min(jax.process_index() * per, total)
+    return start, min(start + per, total), per
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

@@ -275,3 +275,36 @@ def aggregate_utm(utms: list[np.ndarray], offset_m: float = 1e5) -> list[np.ndar
         utm[:, 0] += k * offset_m
         shifted.append(utm)
     return shifted
+
+
+def dataset_root(root: str = "", synthetic_preset: str = "", synthetic_seed: int = 0) -> Path:
+    """The dataset root: ``root``, else ``$JAXVPR_DATA``, else the synthetic city of ``synthetic_preset``
+    (generated on first use, see ``jaxvpr.data.synthetic.ensure_city``)."""
+    root = root or os.environ.get("JAXVPR_DATA", "")
+    if root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise DatasetError(f"Dataset root {str(path)!r} (config.data.root or $JAXVPR_DATA) does not exist.")
+        return path
+    if synthetic_preset:
+        from jaxvpr.data.synthetic import ensure_city
+
+        return Path(ensure_city(preset=synthetic_preset, seed=synthetic_seed))
+    raise DatasetError(
+        "No dataset: set config.data.root (or $JAXVPR_DATA) to a folder in the community layout, or "
+        "config.data.synthetic_preset=small to use the synthetic city."
+    )
+
+
+def resolve_folder(root: str | os.PathLike, folder: str, what: str) -> Path:
+    """``folder`` (absolute, or relative to ``root``), which must exist; the error says how to get it."""
+    path = Path(folder).expanduser()
+    path = path if path.is_absolute() else Path(root) / path
+    if not path.is_dir():
+        raise DatasetError(
+            f"{what} folder {str(path)!r} does not exist (dataset root {str(root)!r}). Download the dataset "
+            "and convert it to the community layout (see README, 'Datasets': SF-XL comes from the CosPlace "
+            "authors on request; the VG benchmark's scripts download and convert Pitts30k, MSLS, SVOX, "
+            "Tokyo 24/7), then point config.data.root or $JAXVPR_DATA at the folder holding it."
+        )
+    return path

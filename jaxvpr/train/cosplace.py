@@ -155,34 +155,8 @@ def make_train_step(model, discriminator, txs, config: ConfigDict):
 
 
 # ----------------------------------------------------------------------------- data
-def resolve_folder(root: Path, folder: str, what: str) -> Path:
-    path = Path(folder).expanduser()
-    path = path if path.is_absolute() else root / path
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{what} folder {str(path)!r} does not exist (config.data.root={str(root)!r}). Download the dataset "
-            "and convert it to the community layout (see README, 'Datasets': SF-XL and Tokyo 24/7 come from "
-            "the CosPlace authors on request; the VG benchmark's scripts convert Pitts30k, MSLS, SVOX, Tokyo), "
-            "then point config.data.root or $JAXVPR_DATA at it."
-        )
-    return path
-
-
 def data_root(config: ConfigDict) -> Path:
-    root = config.data.root or os.environ.get("JAXVPR_DATA", "")
-    if root:
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"Dataset root {str(root)!r} (config.data.root or $JAXVPR_DATA) does not exist.")
-        return root
-    if config.data.synthetic_preset:
-        from jaxvpr.data.synthetic import ensure_city
-
-        return Path(ensure_city(preset=config.data.synthetic_preset, seed=config.data.synthetic_seed))
-    raise FileNotFoundError(
-        "No dataset: set config.data.root (or $JAXVPR_DATA) to a folder in the community layout, or "
-        "config.data.synthetic_preset=small to use the synthetic city."
-    )
+    return fmt.dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
 
 
 @dataclasses.dataclass
@@ -193,7 +167,7 @@ class TrainData:
 
 
 def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainData:
-    folder = fmt.read_image_folder(resolve_folder(root, config.data.train_folder, "Training"))
+    folder = fmt.read_image_folder(fmt.resolve_folder(root, config.data.train_folder, "Training"))
     t = config.train
     setting = dict(M=t.M, alpha=t.alpha, N=t.N, L=t.L, min_images_per_class=t.min_images_per_class)
     key = Path(config.data.train_folder).name + f"_{len(folder)}"
@@ -209,7 +183,7 @@ def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainDat
     if config.grl.enabled:
         if not config.data.target_folder:
             raise ValueError("grl.enabled needs config.data.target_folder (a folder of unlabeled target images).")
-        target = resolve_folder(root, config.data.target_folder, "Target-domain")
+        target = fmt.resolve_folder(root, config.data.target_folder, "Target-domain")
         target_paths = [str(target / p) for p in fmt.list_images(target)]
     logging.info("training images %d, classes per group %s", len(folder), [len(g) for g in groups])
     return TrainData(folder, groups, target_paths)
@@ -239,8 +213,8 @@ class Trainer:
         self.txs = None  # set from the initial parameters (make_optimizers)
         self.logger = MetricsLogger(self.workdir, enabled=self.is_main)
         self.checkpointer = TrainCheckpointer(self.workdir, keep=config.train.keep_checkpoints)
-        self.describer = ev.Describer(self.model, self.mesh)
-        self.val_split = fmt.read_split(resolve_folder(self.root, config.data.val_split, "Validation"),
+        self.describer = ev.Describer(self.model)  # per-process extraction, gathered
+        self.val_split = fmt.read_split(fmt.resolve_folder(self.root, config.data.val_split, "Validation"),
                                         config.data.val_queries)
         self.thresholds = [ev.Threshold(float(config.data.positive_dist_threshold))]
         self.eval_resize = ev.parse_resize(config.data.eval_resize)
@@ -287,6 +261,11 @@ class Trainer:
     def variables(self, state: TrainState) -> dict:
         return {"params": state.params, "batch_stats": state.batch_stats}
 
+    def say(self, text: str) -> None:
+        """Prints on the main process only."""
+        if self.is_main:
+            print(text, flush=True)
+
     # -- evaluation
     def recall(self, state: TrainState, split: fmt.SplitDataset, queries: str) -> dict:
         describe = self.describer.bind(self.variables(state))
@@ -297,7 +276,7 @@ class Trainer:
         out = []
         for item in self.config.data.monitor:
             split_dir, _, queries = item.partition(":")
-            split = fmt.read_split(resolve_folder(self.root, split_dir, "Monitored"), queries or "queries")
+            split = fmt.read_split(fmt.resolve_folder(self.root, split_dir, "Monitored"), queries or "queries")
             out.append((f"{Path(split_dir).name}/{queries or 'queries'}", split))
         return out
 
@@ -326,7 +305,7 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         state, classifiers, progress = restored
         logging.info("resumed from step %d (epoch %d, iteration %d)", int(state.step), progress["epoch"],
                      progress["step_in_epoch"])
-        print(f"Resuming {workdir} at epoch {progress['epoch']}, iteration {progress['step_in_epoch']}.")
+        trainer.say(f"Resuming {workdir} at epoch {progress['epoch']}, iteration {progress['step_in_epoch']}.")
     state = trainer.place(state)
     data_sharding = parallel.batch_sharding(trainer.mesh)
     state_sharding = parallel.state_shardings(state, trainer.mesh, config.mesh.shard_params)
@@ -344,7 +323,8 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
                 row[f"{name}/{k}"] = v
         if row:
             table.append((label, row))
-            print_monitor_table(table)
+            if trainer.is_main:
+                print_monitor_table(table)
         return row
 
     if restored is None and (t.eval_before_training and monitors):
@@ -420,7 +400,7 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         trainer.logger.write("epoch", int(state.step), epoch=epoch, **epoch_metrics)
         trainer.checkpointer.save(state, classifiers, progress, trainer.model_cfg, config, is_best=is_best)
         logging.info("epoch %d: %s", epoch, json.dumps({k: round(float(v), 4) for k, v in epoch_metrics.items()}))
-        print(f"epoch {epoch + 1}/{t.epochs}: cosface {epoch_metrics.get('cosface_loss', float('nan')):.3f}"
+        trainer.say(f"epoch {epoch + 1}/{t.epochs}: cosface {epoch_metrics.get('cosface_loss', float('nan')):.3f}"
               + (f", domain {epoch_metrics['domain_loss']:.3f}, disc acc {100 * epoch_metrics['disc_accuracy']:.1f}%"
                  f", GRL coeff {coeff:.3f}" if config.grl.enabled else "")
               + f", val R@1 {val_r['1']:.1f} R@5 {val_r['5']:.1f}, {epoch_metrics['images_per_s']:.1f} img/s")
@@ -433,14 +413,14 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     results = {"best_epoch": progress["best_epoch"], "best_val_recall@1": progress["best_recall"], "test": {}}
     results["val"] = ev.evaluate_split(describe, trainer.val_split, config.data.val_queries, trainer.thresholds,
                                        trainer.eval_resize, batch_size=config.eval.batch_size, progress=False)
-    test_dir = resolve_folder(trainer.root, config.data.test_split, "Test")
+    test_dir = fmt.resolve_folder(trainer.root, config.data.test_split, "Test")
     queries_list = [q for q in str(config.data.test_queries).split(",") if q]
     for queries in queries_list:
         split = fmt.read_split(test_dir, queries)
         res = ev.evaluate_split(describe, split, queries, trainer.thresholds, trainer.eval_resize,
                                 batch_size=config.eval.batch_size, progress=False)
         results["test"][queries] = res
-        print(ev.format_table(res["results"], f"test {split.name}/{queries} (best epoch {progress['best_epoch'] + 1})"))
+        trainer.say(ev.format_table(res["results"], f"test {split.name}/{queries} (best epoch {progress['best_epoch'] + 1})"))
     if trainer.is_main:
         ev.atomic_write_text(workdir / "results.json", json.dumps(results, indent=2) + "\n")
         plot_run(workdir)
