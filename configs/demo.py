@@ -7,9 +7,10 @@ ResNet-18 + GeM (512-d) from random weights with CosFace on the daylight street-
 a gradient reversal layer pushes its features to be indistinguishable from the unlabeled night
 pool (images/target/night), and prints day (test/queries) and night (test/queries_night) R@1/R@5
 before training, after each epoch and at the end. `configs/demo_nogrl.py` is the same run without
-GRL. Differences from the thesis' setting, to fit 10 minutes on 2 CPU cores: 128x128 images, random
-init (so the model learns from scratch, with a 100x larger backbone learning rate), few short epochs,
-2 CosPlace groups.
+GRL. Differences from the thesis' setting, to fit 10 minutes on 2 CPU cores: 64x64 images (training
+crops and evaluation), random init (so the model learns from scratch, with a 100x larger backbone
+learning rate), 4 short epochs, and CosPlace groups of N=2, L=1 (4 groups, each trained once) so that
+the small city's classes are all used.
 """
 
 from jaxvpr.train.config import cosplace_config
@@ -18,7 +19,8 @@ from jaxvpr.train.config import cosplace_config
 def get_config():
     c = cosplace_config()
     c.data.synthetic_preset = "small"
-    c.data.image_size = 128
+    c.data.image_size = 64
+    c.data.eval_resize = "64,64"
     c.data.num_workers = 0
     c.data.target_folder = "images/target/night"
     c.data.test_queries = "queries,queries_night"
@@ -27,10 +29,12 @@ def get_config():
     c.model.name = "cosplace_resnet18_512"
 
     c.train.epochs = 4
-    c.train.iterations_per_epoch = 60
+    c.train.iterations_per_epoch = 50
     c.train.batch_size = 32
     c.train.lr = 1e-3
-    c.train.groups_num = 2
+    c.train.N = 2
+    c.train.L = 1
+    c.train.groups_num = 4
     c.train.min_images_per_class = 4
     c.train.checkpoint_every = 1000
     c.train.log_every = 10

@@ -67,6 +67,8 @@ def main(argv):
         raise app.UsageError(f"config.recipe={config.recipe!r}; known recipes: {sorted(RECIPES)}")
     from jaxvpr import parallel
 
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, XLA) would drown the run's output
+        logging.set_verbosity(logging.WARNING)
     parallel.initialize()
     name = Path(flags.FLAGS["config"].config_filename).stem
     workdir = Path(flags.FLAGS.workdir or Path("workdir") / name)

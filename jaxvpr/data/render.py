@@ -18,8 +18,11 @@ Reading guide (top to bottom):
    sort the walls by r_j: the first wall hit is the first one whose "top slope"
    (h_j - cam_z) / r_j is >= m (a prefix maximum + binary search), unless the ray
    reaches the ground (r_g = cam_z / -m) first. We evaluate the 2-D intersections
-   for K sampled azimuths x N walls (not all pixels x walls), then look up every
-   pixel in its azimuth row; the exact hit point is recomputed per pixel.
+   for K sampled azimuths (about one per pixel column) x N walls instead of all
+   pixels x walls, drop walls hidden in every row behind a wall taller than all of
+   that row's rays, then look up every pixel in its azimuth row with one
+   `np.searchsorted`; the exact hit point is recomputed per pixel. Walls are culled
+   first (back faces, farther than MAX_VIEW_DISTANCE, outside the field of view).
 4. `Style` / `make_style`: appearance (sun, sky, fog, night lights, rain, snow,
    glare, colour grading) for daylight ("day") and the target domains.
 5. `render_view`: shading of facades (per-building colours, window grids, doors,
@@ -38,8 +41,7 @@ import math
 
 import numpy as np
 
-FACADE, CAR, PERSON, POLE = 0, 1, 2, 3
-KIND_NAMES = {FACADE: "facade", CAR: "car", PERSON: "person", POLE: "pole"}
+FACADE, CAR, PERSON, POLE = 0, 1, 2, 3  # Boxes.kind
 
 MAX_VIEW_DISTANCE = 260.0  # metres; walls and ground farther away are replaced by the horizon/fog colour
 _NEAR = 0.05  # metres; intersections closer than this are ignored
@@ -316,14 +318,10 @@ def _camera_frame(cam: Camera) -> tuple[dict, np.ndarray]:
     return frame, dirs
 
 
-def cast_rays(city: City, cam: Camera, dirs: np.ndarray | None = None) -> Hits:
-    """First intersection of every pixel ray with the walls, the ground or the sky (module doc, step 3).
-
-    `dirs` defaults to the camera's rays (`Camera.rays()` order); other directions are
-    not supported, the argument only avoids recomputing them.
-    """
-    frame, world_dirs = _camera_frame(cam)
-    dirs = world_dirs if dirs is None else dirs
+def cast_rays(city: City, cam: Camera) -> Hits:
+    """First intersection of every pixel ray (`Camera.rays()` order) with the walls, the
+    ground or the sky (module doc, step 3)."""
+    frame, dirs = _camera_frame(cam)
     rho, slope, k_pix = frame["rho"], frame["slope"], frame["k_pix"]
     hx, hy = dirs[:, 0] / rho, dirs[:, 1] / rho  # unit horizontal directions
     heading = math.radians(cam.heading)
@@ -545,9 +543,20 @@ def _sky(style: Style, dirs: np.ndarray) -> np.ndarray:
     return c
 
 
-def _lod(footprint: np.ndarray, feature: np.ndarray) -> np.ndarray:
+def _lod(footprint: np.ndarray, feature) -> np.ndarray:
     """0 where a pattern of size `feature` (m) is resolved by pixels of `footprint` (m), 1 where it must be averaged."""
     return np.clip((footprint / np.maximum(feature, 1e-6) - 0.3) / 0.7, 0.0, 1.0)
+
+
+# Paints of a facade: index into the per-building palette built by `_facade_palette`.
+WALL, TRIM, GLASS, FRAME, DOOR, SIGN_BG, SIGN_FG, SNOW = range(8)
+
+
+def _facade_palette(t: dict) -> np.ndarray:
+    """(buildings, 8, 3) colours of the paints WALL..SNOW (glass before sky reflection)."""
+    n = t["colour"].shape[0]
+    return np.stack([t["colour"], t["trim"], 0.65 * t["glass"], t["frame_colour"], t["door_colour"],
+                     t["sign_bg"], t["sign_fg"], np.full((n, 3), 0.95)], axis=1).astype(np.float32)
 
 
 def _shade_facades(city: City, b: np.ndarray, u: np.ndarray, z: np.ndarray, wall_rand: np.ndarray,
@@ -556,27 +565,16 @@ def _shade_facades(city: City, b: np.ndarray, u: np.ndarray, z: np.ndarray, wall
     """Facade colour and emitted light for wall pixels of buildings.
 
     b: building rows; u, z: position on the wall (m from the wall's first corner, m above
-    ground). Returns (albedo-lit colour (M, 3), emission (M, 3)).
+    ground); footprint: pixel size on the wall (m), used to average patterns that a
+    pixel cannot resolve (windows far away) instead of aliasing them. Each pixel picks
+    a paint (WALL, TRIM, ...) from its building's palette. Returns (lit colour (M, 3),
+    emission (M, 3)).
     """
     t = city.buildings
-    base = t["colour"][b]
-    trim = t["trim"][b]
-    glass = 0.65 * t["glass"][b] + 0.35 * sky_col[None, :] * 0.7
-    col = base.copy()
-    emis = np.zeros_like(col)
+    paint = np.full(b.shape, WALL, dtype=np.int64)
+    gh, fh, cornice = t["ground_h"][b], t["floor_h"][b], t["cornice"][b]
 
-    # Fine masonry texture, faded out when pixels are larger than the 0.33 m cells.
-    tex = hash01(b, np.floor(u * 3), np.floor(z * 3)) - 0.5
-    col *= (1.0 + 0.10 * tex * (1 - _lod(footprint, np.full_like(u, 0.33))))[:, None]
-
-    gh = t["ground_h"][b]
-    fh = t["floor_h"][b]
-    top_band = z > height - t["cornice"][b]
-    col[top_band] = trim[top_band]
-    band = (z > gh - 0.3) & (z < gh)
-    col[band] = trim[band]
-
-    # Upper floors: a window grid per building (Window width/height/spacing per building).
+    # Upper floors: a window grid per building (window width/height/spacing per building).
     ww, wh, sx, sill = t["win_w"][b], t["win_h"][b], t["win_sx"][b], t["sill"][b]
     zf = z - gh
     floor_i = np.floor(zf / fh)
@@ -584,28 +582,18 @@ def _shade_facades(city: City, b: np.ndarray, u: np.ndarray, z: np.ndarray, wall
     uu = u - t["win_phase"][b] * sx
     col_i = np.floor(uu / sx)
     uin = uu - col_i * sx
-    upper = (z > gh) & (z < height - t["cornice"][b] - 0.3) & (u > 0.5) & (u < length - 0.5)
+    upper = (z > gh) & (z < height - cornice - 0.1) & (u > 0.5) & (u < length - 0.5)
     in_win = upper & (uin < ww) & (zin > sill) & (zin < sill + wh)
-    blur = _lod(footprint, np.minimum(np.minimum(ww, wh), sx - ww))
-    fill = (ww / sx) * (wh / fh)
-    # Facade ornament (per building, 0 = none): floor bands, pilasters between window
-    # columns, window frames.
+    # Ornament (per building, 0 = none): floor bands, pilasters between window columns,
+    # window frames; a trim band under the cornice and above the ground floor.
     band_t, pil_w, frame_t = t["floor_band"][b], t["pilaster"][b], t["frame"][b]
-    gap_mid = ww + 0.5 * (sx - ww)
-    ornament = upper & ((zin < band_t) | (np.abs(uin - gap_mid) < 0.5 * pil_w))
-    col = np.where(ornament[:, None], trim, col)
+    ornament = upper & ((zin < band_t) | (np.abs(uin - ww - 0.5 * (sx - ww)) < 0.5 * pil_w))
+    paint[ornament | (z > height - cornice) | ((z > gh - 0.3) & (z < gh))] = TRIM
     near_win = (uin < ww + frame_t) | (uin >= sx - frame_t)
-    frame = upper & ~in_win & near_win & (zin > sill - frame_t) & (zin < sill + wh + frame_t)
-    col = np.where(frame[:, None], t["frame_colour"][b], col)
-    sill_band = upper & (uin < ww) & (zin > sill - 0.15) & (zin <= sill)
+    paint[upper & near_win & (zin > sill - frame_t) & (zin < sill + wh + frame_t)] = FRAME
     if style.snow > 0:
-        col[sill_band] = 0.95
-    win_col = np.where(in_win[:, None], glass, col)
-    frame_share = np.clip(2 * frame_t * (ww + wh + 2 * frame_t) / (sx * fh), 0, 1)
-    orn_share = np.clip(band_t / fh + pil_w / sx, 0, 1) * (1 - fill - frame_share)
-    avg = ((1 - fill - frame_share - orn_share)[:, None] * base + orn_share[:, None] * trim
-           + frame_share[:, None] * t["frame_colour"][b] + fill[:, None] * glass)
-    col = np.where(upper[:, None], (1 - blur)[:, None] * win_col + blur[:, None] * avg, col)
+        paint[upper & (uin < ww) & (zin > sill - 0.15) & (zin <= sill)] = SNOW  # snow on the sills
+    paint[in_win] = GLASS
 
     # Ground floor: shop windows, one door per wall, a shop sign with glyphs.
     ground = z < gh - 0.3
@@ -613,12 +601,10 @@ def _shade_facades(city: City, b: np.ndarray, u: np.ndarray, z: np.ndarray, wall
     su = u - 0.8
     s_in = su - np.floor(su / shop_sx) * shop_sx
     shop = ground & (z > 0.5) & (z < gh - 1.3) & (s_in < shop_sx - 1.0) & (u > 0.8) & (u < length - 0.8)
-    col = np.where(shop[:, None], glass * 0.9, col)
-
-    dw, dh = t["door_w"][b], t["door_h"][b]
+    paint[shop] = GLASS
+    dw = t["door_w"][b]
     du = 0.5 + wall_rand * np.maximum(length - dw - 1.0, 0.0)
-    door = (u > du) & (u < du + dw) & (z < dh)
-    col = np.where(door[:, None], t["door_colour"][b], col)
+    paint[(u > du) & (u < du + dw) & (z < t["door_h"][b])] = DOOR
 
     sign_h = t["sign_h"][b]
     cw = 0.8 * sign_h  # character cell width (m): 5 glyph columns + 1 spacing column
@@ -627,36 +613,56 @@ def _shade_facades(city: City, b: np.ndarray, u: np.ndarray, z: np.ndarray, wall
     s0 = 0.3 + np.mod(wall_rand * 7.31, 1.0) * np.maximum(length - sign_len - 0.6, 0.0)
     z_top = gh - 0.35
     sign = t["has_sign"][b] & (u > s0) & (u < s0 + sign_len) & (z < z_top) & (z > z_top - sign_h) & (u < length)
-    if sign.any():
-        bs = b[sign]
-        us = u[sign] - s0[sign] - 0.2
-        ch = np.floor(us / cw[sign]).astype(np.int64)
-        gx = np.floor((us - ch * cw[sign]) / cw[sign] * 6).astype(np.int64)
-        gy = np.floor((z_top[sign] - z[sign]) / sign_h[sign] * 9).astype(np.int64) - 1
-        valid = (ch >= 0) & (ch < nch[sign]) & (gx >= 0) & (gx < 5) & (gy >= 0) & (gy < 7)
-        glyphs = t["glyphs"]
+    sign_idx = np.nonzero(sign)[0]
+    if sign_idx.size:
+        bs = b[sign_idx]
+        us = u[sign_idx] - s0[sign_idx] - 0.2
+        cws = cw[sign_idx]
+        ch = np.floor(us / cws).astype(np.int64)
+        gx = np.floor((us - ch * cws) / cws * 6).astype(np.int64)
+        gy = np.floor((z_top[sign_idx] - z[sign_idx]) / sign_h[sign_idx] * 9).astype(np.int64) - 1
+        valid = (ch >= 0) & (ch < nch[sign_idx]) & (gx >= 0) & (gx < 5) & (gy >= 0) & (gy < 7)
         bit = np.zeros(bs.shape, dtype=bool)
-        bit[valid] = glyphs[bs[valid], ch[valid], gy[valid], gx[valid]]
-        gblur = _lod(footprint[sign], sign_h[sign] / 9)
-        fg, bg = t["sign_fg"][bs], t["sign_bg"][bs]
-        sharp = np.where(bit[:, None], fg, bg)
-        avg_sign = 0.7 * bg + 0.3 * fg
-        col[sign] = (1 - gblur)[:, None] * sharp + gblur[:, None] * avg_sign
-        if style.lit_windows > 0:  # illuminated signs at night
-            emis[sign] += 0.5 * col[sign] * t["sign_lit"][bs][:, None]
+        bit[valid] = t["glyphs"][bs[valid], ch[valid], gy[valid], gx[valid]]
+        paint[sign_idx] = np.where(bit, SIGN_FG, SIGN_BG)
+
+    palette = _facade_palette(t)
+    col = palette[b, paint]
+    sky_reflection = (0.245 * sky_col).astype(np.float32)
+    col += (paint == GLASS)[:, None] * sky_reflection
+    # Fine masonry texture (0.33 m cells, +-5%), faded out when pixels are larger.
+    tex = hash01(b, np.floor(u * 3), np.floor(z * 3)) - 0.5
+    col *= (1.0 + 0.10 * tex * (1 - _lod(footprint, 0.33)))[:, None]
+
+    # Level of detail: far windows blend into the building's average upper-floor colour.
+    blur = _lod(footprint, np.minimum(np.minimum(ww, wh), sx - ww))
+    fill = (ww / sx) * (wh / fh)
+    frame_share = np.clip(2 * frame_t * (ww + wh + 2 * frame_t) / (sx * fh), 0, 1)
+    orn_share = np.clip(band_t / fh + pil_w / sx, 0, 1) * (1 - fill - frame_share)
+    pb = palette[b]
+    avg = ((1 - fill - frame_share - orn_share)[:, None] * pb[:, WALL] + orn_share[:, None] * pb[:, TRIM]
+           + frame_share[:, None] * pb[:, FRAME] + fill[:, None] * (pb[:, GLASS] + sky_reflection))
+    mix = (blur * upper)[:, None]
+    col = (1 - mix) * col + mix * avg
+    if sign_idx.size:  # glyph strokes average out as well
+        gblur = _lod(footprint[sign_idx], sign_h[sign_idx] / 9)[:, None]
+        avg_sign = 0.7 * palette[bs, SIGN_BG] + 0.3 * palette[bs, SIGN_FG]
+        col[sign_idx] = (1 - gblur) * col[sign_idx] + gblur * avg_sign
 
     lit_col = col * light
-
+    emis = np.zeros_like(lit_col)
     if style.lit_windows > 0:
+        if sign_idx.size:  # illuminated signs at night
+            emis[sign_idx] += 0.5 * col[sign_idx] * t["sign_lit"][bs][:, None]
         # Lit windows at night: hash of (building, wall, floor, column, image) < probability.
         wall_key = np.floor(wall_rand * 1e6)
         lit = hash01(b, wall_key, floor_i, col_i, image_seed) < style.lit_windows
         warm = np.stack([np.ones_like(u), 0.75 + 0.1 * hash01(b, floor_i, 7), 0.35 + 0.2 * hash01(b, col_i, 9)], 1)
         strength = 0.55 + 0.45 * hash01(b, floor_i, col_i, image_seed + 1)
-        emis += np.where((in_win & lit)[:, None], warm * strength[:, None] * (1 - blur)[:, None], 0.0)
+        emis += ((in_win & lit) * strength * (1 - blur))[:, None] * warm
         emis += (blur * fill * style.lit_windows * upper)[:, None] * warm * 0.7
         shop_lit = shop & (hash01(b, wall_key, image_seed + 2) < 0.6)
-        emis += np.where(shop_lit[:, None], np.array([0.9, 0.8, 0.6]) * 0.6, 0.0)
+        emis += shop_lit[:, None] * np.array([0.9, 0.8, 0.6], dtype=np.float32) * 0.6
     return lit_col, emis
 
 
@@ -677,56 +683,57 @@ def _shade_objects(kind: np.ndarray, u: np.ndarray, z: np.ndarray, length: np.nd
     return col
 
 
+# Ground materials: index into _GROUND_PALETTE.
+_OPEN, _ASPHALT, _WHITE_PAINT, _YELLOW_PAINT, _CONCRETE, _TILE_JOINT, _CURB = range(7)
+_GROUND_PALETTE = np.array([[0.33, 0.36, 0.28], [0.27, 0.27, 0.28], [0.85, 0.85, 0.8], [0.85, 0.77, 0.36],
+                            [0.58, 0.56, 0.53], [0.46, 0.45, 0.42], [0.7, 0.7, 0.68]], dtype=np.float32)
+
+
 def _ground_albedo(city: City, gx: np.ndarray, gy: np.ndarray, footprint: np.ndarray, style: Style) -> np.ndarray:
-    """Albedo of the ground: asphalt with lane markings and crossings, sidewalks with tiles and curbs."""
+    """Albedo of the ground at (gx, gy): asphalt with lane markings and zebra crossings,
+    concrete sidewalks with tile joints and curbs, open ground inside the blocks."""
     def dist_to(lines, v):
         i = np.clip(np.searchsorted(lines, v), 1, len(lines) - 1)
-        a, b_ = v - lines[i - 1], v - lines[i]
-        return np.where(np.abs(a) < np.abs(b_), a, b_)
+        return np.minimum(np.abs(v - lines[i - 1]), np.abs(v - lines[i]))
 
     rh, sw = city.road_half_width, city.sidewalk_width
-    ddx = dist_to(city.x_streets, gx)  # signed offset from the nearest north-south street centre
-    ddy = dist_to(city.y_streets, gy)
-    adx, ady = np.abs(ddx), np.abs(ddy)
+    adx = dist_to(city.x_streets, gx)  # distance to the nearest north-south street centre line
+    ady = dist_to(city.y_streets, gy)
     on_ns, on_ew = adx < rh, ady < rh
     road = on_ns | on_ew
     sidewalk = ~road & ((adx < rh + sw) | (ady < rh + sw))
-    noise = hash01(np.floor(gx * 3), np.floor(gy * 3)) - 0.5
-    fine = 1 - _lod(footprint, np.full_like(gx, 0.33))
+    fine = 1 - _lod(footprint, 0.33)  # 1 where 0.33 m details are resolved
 
-    col = np.empty(gx.shape + (3,))
-    col[:] = np.array([0.33, 0.36, 0.28])  # courtyards / open ground
-    asphalt = np.array([0.27, 0.27, 0.28]) * (1 + 0.15 * noise * fine)[:, None]
-    col[road] = asphalt[road]
-
-    # Dashed centre lines away from intersections, zebra crossings next to them.
-    dash_ns = on_ns & ~on_ew & (adx < 0.09) & (np.mod(gy, 9.0) < 4.5) & (ady > rh + 4.5)
-    dash_ew = on_ew & ~on_ns & (ady < 0.09) & (np.mod(gx, 9.0) < 4.5) & (adx > rh + 4.5)
-    zebra_ns = on_ns & (ady > rh + 0.8) & (ady < rh + 3.8) & (np.mod(gx, 1.0) < 0.5) & (adx < rh - 0.3)
-    zebra_ew = on_ew & (adx > rh + 0.8) & (adx < rh + 3.8) & (np.mod(gy, 1.0) < 0.5) & (ady < rh - 0.3)
-    edge = road & ~(on_ns & on_ew) & (((adx > rh - 0.35) & (adx < rh - 0.25) & on_ns & (ady > rh)) |
-                                      ((ady > rh - 0.35) & (ady < rh - 0.25) & on_ew & (adx > rh)))
-    marking = dash_ns | dash_ew | zebra_ns | zebra_ew | edge
-    paint_fade = 1 - 0.7 * _lod(footprint, np.full_like(gx, 0.18))
-    paint = np.array([0.85, 0.85, 0.8])
-    col[marking] = (paint_fade[:, None] * paint + (1 - paint_fade)[:, None] * asphalt)[marking]
-    yellow = (dash_ns | dash_ew)
-    col[yellow] *= np.array([1.0, 0.9, 0.45])
-
-    # Sidewalks: concrete with tile joints every 1.5 m and a curb along the road.
+    mat = np.full(gx.shape, _OPEN, dtype=np.int64)
+    mat[road] = _ASPHALT
+    # Dashed yellow centre lines away from intersections, white edge lines, zebra crossings.
+    dash = ((on_ns & (adx < 0.09) & (np.mod(gy, 9.0) < 4.5) & (ady > rh + 4.5)) |
+            (on_ew & (ady < 0.09) & (np.mod(gx, 9.0) < 4.5) & (adx > rh + 4.5)))
+    zebra = ((on_ns & (ady > rh + 0.8) & (ady < rh + 3.8) & (np.mod(gx, 1.0) < 0.5) & (adx < rh - 0.3)) |
+             (on_ew & (adx > rh + 0.8) & (adx < rh + 3.8) & (np.mod(gy, 1.0) < 0.5) & (ady < rh - 0.3)))
+    edge = (((adx > rh - 0.35) & (adx < rh - 0.25) & on_ns & (ady > rh)) |
+            ((ady > rh - 0.35) & (ady < rh - 0.25) & on_ew & (adx > rh)))
+    mat[zebra | edge] = _WHITE_PAINT
+    mat[dash] = _YELLOW_PAINT
+    mat[sidewalk] = _CONCRETE
     tile = (np.mod(gx, 1.5) < 0.06) | (np.mod(gy, 1.5) < 0.06)
-    conc = np.array([0.58, 0.56, 0.53]) * (1 + 0.08 * noise * fine)[:, None]
-    conc = np.where((tile & (fine > 0.5))[:, None], conc * 0.8, conc)
-    col[sidewalk] = conc[sidewalk]
-    curb = sidewalk & (((adx >= rh) & (adx < rh + 0.25)) | ((ady >= rh) & (ady < rh + 0.25)))
-    col[curb] = np.array([0.7, 0.7, 0.68])
+    mat[sidewalk & tile & (fine > 0.5)] = _TILE_JOINT
+    mat[sidewalk & ((adx < rh + 0.25) | (ady < rh + 0.25))] = _CURB
+
+    col = _GROUND_PALETTE[mat]
+    # Thin paint fades into the asphalt when pixels are much larger than the 0.18 m lines.
+    is_paint = (mat == _WHITE_PAINT) | (mat == _YELLOW_PAINT)
+    fade = (0.7 * _lod(footprint, 0.18) * is_paint)[:, None]
+    col = (1 - fade) * col + fade * _GROUND_PALETTE[_ASPHALT]
+    noise = hash01(np.floor(gx * 3), np.floor(gy * 3)) - 0.5
+    col *= (1 + 0.12 * noise * fine)[:, None]
 
     if style.snow > 0:
         s = style.snow
-        white = np.array([0.93, 0.94, 0.97]) * (1 + 0.04 * noise)[:, None]
+        white = np.array([0.93, 0.94, 0.97], dtype=np.float32) * (1 + 0.04 * noise)[:, None]
         lane = np.mod(np.where(on_ns, adx, ady), 3.5)
-        track = road & (np.abs(np.abs(lane - 1.75) - 0.8) < 0.18)  # two wheel tracks per lane
-        snowy = np.where(track[:, None], 0.75 * white + 0.25 * col, white)
+        track = (road & (np.abs(np.abs(lane - 1.75) - 0.8) < 0.18))[:, None]  # two wheel tracks per lane
+        snowy = white - track * 0.25 * (white - col)
         col = (1 - s) * col + s * snowy
     if style.wetness > 0:
         col = col * (1 - 0.45 * style.wetness)
@@ -739,7 +746,7 @@ def _add_glows(img: np.ndarray, centres: np.ndarray, radii: np.ndarray, colours:
         return
     n = img.shape[0]
     yy, xx = np.mgrid[0:n, 0:n]
-    for (cx, cy), rad, colour in zip(centres, radii, colours):
+    for (cx, cy), rad, colour in zip(centres, radii, colours, strict=True):
         lo_x, hi_x = int(max(cx - 3 * rad, 0)), int(min(cx + 3 * rad + 1, n))
         lo_y, hi_y = int(max(cy - 3 * rad, 0)), int(min(cy + 3 * rad + 1, n))
         if lo_x >= hi_x or lo_y >= hi_y:
@@ -769,7 +776,7 @@ def render_view(city: City, camera: Camera, style: Style, rng: np.random.Generat
     """
     n = camera.resolution
     _, dirs = _camera_frame(camera)
-    hits = cast_rays(city, camera, dirs)
+    hits = cast_rays(city, camera)
     n_pix = dirs.shape[0]
     image_seed = int(rng.integers(0, 2**31 - 1))
     colour = np.zeros((n_pix, 3))

@@ -27,15 +27,18 @@ margin; one buffer block (>= 50 m) keeps every train/val/test image farther than
 25 m from the other splits.
 
 Cameras:
-- Database (SF-XL style): a panorama every 5 m (val/test: 10 m) along the street
-  centre lines of a district, 2.5 m high, cut into 12 crops of 90 deg field of view at
-  headings 15 + 30 k deg (the centres of CosPlace's 30 deg heading bins). The train
-  district is captured `passes` times (years 2013, 2015, ...) with ~1 m position
-  jitter, a few degrees of heading jitter, another sun and other parked cars.
-- Queries (phone style): on the sidewalks, 1.45-1.75 m high, 100-110 deg field of
-  view, pitch ~N(3, 4) deg, roll ~N(0, 3) deg; headings mostly along the street,
-  otherwise uniform; sometimes a car hood, a pedestrian or a pole occludes part of
-  the view.
+- Database (SF-XL style, `DB_CAMERA`): a panorama every 5 m (val/test: every
+  `eval_db_spacing` m) along the street centre lines of a district, 2.5 m high, cut
+  into 12 crops of 90 deg field of view at headings 15 + 30 k deg (the centres of
+  CosPlace's 30 deg heading bins). The train district is captured `train_passes`
+  times (years 2013, 2015, ...) with <= 1 m position jitter, <= 4 deg heading jitter,
+  another sun and other parked cars and pedestrians: each CosPlace class (10 m cell x
+  30 deg bin) then holds 2 panoramas x passes images.
+- Queries (phone style, `QUERY_CAMERA`): on the sidewalks 0.6-2.2 m from the curb,
+  1.45-1.75 m high, 95-105 deg field of view, pitch ~N(3, 4) deg, roll ~N(0, 3) deg;
+  70% look along the street (+-15 deg), the rest anywhere; 40% have a partial
+  occluder (car hood, passer-by, pole). Daylight queries use a random sun; the test
+  viewpoints are rendered once per appearance domain (paired, Tokyo 24/7 style).
 
 Headings follow SF-XL: degrees in [0, 360), 0 = north, 90 = east, clockwise.
 
@@ -85,6 +88,9 @@ QUERY_CAMERA = {"height": (1.45, 1.75), "hfov": (95.0, 105.0), "pitch": (3.0, 4.
                 "occluders": {"hood": 0.15, "person": 0.15, "pole": 0.1}}
 POSITIVE_DISTANCE = 25.0  # every val/test query has a database image this close
 
+# Presets. districts: blocks (east, north) per split; train_passes: captures of the
+# train district; *_db_spacing: metres between panoramas; queries: pedestrian queries
+# per split (test: per domain folder as well); target_per_domain: unlabeled pool size.
 PRESETS = {
     "tiny": {
         "description": "CI and unit tests: ~2,600 images, ~25 s on 2 cores",
@@ -142,18 +148,18 @@ def _building_footprints(rng: np.random.Generator, bx0: float, bx1: float, by0: 
     max_depth = min(15.0, (min(bx1 - bx0, by1 - by0) - 2.0) / 2.0)
 
     def frontage(a: float, b: float):
-        """Split [a, b] into lots of 8-20 m; yields (start, end, is_corner, alley) per lot."""
+        """Split [a, b] into lots of 8-20 m, 15% followed by a 1.5-3 m alley: (start, end, is_corner)."""
         x = a
         while b - x > 1.0:
             end = x + rng.uniform(8.0, 20.0)
             if b - end < 7.0:
                 end = b
             alley = rng.uniform(1.5, 3.0) if (rng.random() < 0.15 and end < b) else 0.0
-            yield x, end - alley, x == a or end == b, alley
+            yield x, end - alley, x == a or end == b
             x = end
 
     for side in ("south", "north"):
-        for x0, x1, corner, _ in frontage(bx0, bx1):
+        for x0, x1, corner in frontage(bx0, bx1):
             depth = max_depth if corner else rng.uniform(min(9.0, max_depth), max_depth)
             setback = 0.0 if (corner or rng.random() > 0.3) else rng.uniform(0.5, 2.0)
             if side == "south":
@@ -161,7 +167,7 @@ def _building_footprints(rng: np.random.Generator, bx0: float, bx1: float, by0: 
             else:
                 out.append((x0, x1, by1 - depth, by1 - setback))
     for side in ("west", "east"):
-        for y0, y1, _, _ in frontage(by0 + max_depth, by1 - max_depth):
+        for y0, y1, _ in frontage(by0 + max_depth, by1 - max_depth):
             depth = rng.uniform(min(9.0, max_depth), max_depth)
             setback = 0.0 if rng.random() > 0.3 else rng.uniform(0.5, 2.0)
             if side == "west":
@@ -398,8 +404,9 @@ def pedestrian_cameras(city: City, district: str, n: int, rng: np.random.Generat
         pitch = float(np.clip(rng.normal(mu, sd), -lim, lim))
         mu, sd, lim = q["roll"]
         roll = float(np.clip(rng.normal(mu, sd), -lim, lim))
-        cams.append(Camera(x=float(x), y=float(y), height=float(rng.uniform(*q["height"])), heading=float(heading % 360.0),
-                           pitch=pitch, roll=roll, hfov=float(rng.uniform(*q["hfov"])), resolution=resolution))
+        cams.append(Camera(x=float(x), y=float(y), height=float(rng.uniform(*q["height"])),
+                           heading=float(heading % 360.0), pitch=pitch, roll=roll,
+                           hfov=float(rng.uniform(*q["hfov"])), resolution=resolution))
     return cams
 
 
@@ -413,7 +420,8 @@ def occluder(camera: Camera, rng: np.random.Generator) -> tuple[Boxes | None, di
     u = rng.random()
     if u < p["hood"]:
         colour = _CAR_PAINTS[rng.integers(0, len(_CAR_PAINTS))]
-        return None, {"top": float(rng.uniform(0.1, 0.22)), "curve": float(rng.uniform(0.03, 0.1)), "colour": tuple(colour)}
+        hood = {"top": float(rng.uniform(0.1, 0.22)), "curve": float(rng.uniform(0.03, 0.1)), "colour": tuple(colour)}
+        return None, hood
     u -= p["hood"]
     if u < p["person"] + p["pole"]:
         is_person = u < p["person"]
@@ -488,9 +496,10 @@ def plan_jobs(city: City, preset: dict, seed: int, resolution: int) -> list[Job]
             for i, (k, cam) in enumerate(cams):
                 tile = i % DB_CAMERA["crops"]
                 name = image_name(city, cam, f"{split[:2]}{p}p{k:05d}", tile, timestamp, "")
-                jobs.append(Job(folder, name, cam, style, f"{split}_db_{p}", (seed, zlib.crc32(folder.encode()), len(jobs))))
+                image_seed = (seed, zlib.crc32(folder.encode()), len(jobs))
+                jobs.append(Job(folder, name, cam, style, f"{split}_db_{p}", image_seed))
 
-    def add_queries(split: str, folder: str, cams: list[Camera], domain: str, id_prefix: str, layer: str):
+    def add_queries(folder: str, cams: list[Camera], domain: str, id_prefix: str, layer: str):
         rng = _rng(seed, "queries", folder)
         for k, cam in enumerate(cams):
             style = make_style(domain, rng, heading=cam.heading)
@@ -505,16 +514,17 @@ def plan_jobs(city: City, preset: dict, seed: int, resolution: int) -> list[Job]
     nq = preset["queries"]
     for split in ("train", "val"):
         cams = pedestrian_cameras(city, split, nq[split], _rng(seed, "query_poses", split), resolution)
-        add_queries(split, f"{split}/queries", cams, SOURCE_DOMAIN, f"{split[:2]}q", f"{split}_queries")
+        add_queries(f"{split}/queries", cams, SOURCE_DOMAIN, f"{split[:2]}q", f"{split}_queries")
     # Test queries: the same viewpoints in daylight and in every target domain.
     test_cams = pedestrian_cameras(city, "test", nq["test"], _rng(seed, "query_poses", "test"), resolution)
-    add_queries("test", "test/queries", test_cams, SOURCE_DOMAIN, "teq", "test_queries_day")
+    add_queries("test/queries", test_cams, SOURCE_DOMAIN, "teq", "test_queries_day")
     for domain in DOMAINS:
-        add_queries("test", f"test/queries_{domain}", test_cams, domain, f"teq{domain[:2]}", f"test_queries_{domain}")
+        add_queries(f"test/queries_{domain}", test_cams, domain, f"teq{domain[:2]}", f"test_queries_{domain}")
     # Unlabeled target pools: train district, other positions than any test query.
     for domain in DOMAINS:
-        cams = pedestrian_cameras(city, "train", preset["target_per_domain"], _rng(seed, "target_poses", domain), resolution)
-        add_queries("train", f"target/{domain}", cams, domain, f"ta{domain[:2]}", f"target_{domain}")
+        poses_rng = _rng(seed, "target_poses", domain)
+        cams = pedestrian_cameras(city, "train", preset["target_per_domain"], poses_rng, resolution)
+        add_queries(f"target/{domain}", cams, domain, f"ta{domain[:2]}", f"target_{domain}")
     return jobs
 
 
@@ -614,6 +624,8 @@ def generate_city(out_dir, preset: str = "tiny", seed: int = 0, resolution: int 
         for folder in sorted({j.folder for j in jobs}):
             (tmp / "images" / folder).mkdir(parents=True, exist_ok=True)
         n_workers = int(workers or min(2, os.cpu_count() or 1))
+        if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
+            n_workers = 1
         ordered = sorted(jobs, key=lambda j: j.layer)  # fewer clutter layers per worker
         if n_workers <= 1:
             _init_worker(city, seed, str(tmp / "images"))
@@ -635,7 +647,8 @@ def generate_city(out_dir, preset: str = "tiny", seed: int = 0, resolution: int 
             "utm": {"zone_number": ZONE_NUMBER, "zone_letter": ZONE_LETTER, "origin_east": ORIGIN_EAST,
                     "origin_north": ORIGIN_NORTH},
             "districts_utm": {k: {"east": [ORIGIN_EAST + v[0], ORIGIN_EAST + v[1]],
-                                  "north": [ORIGIN_NORTH + v[2], ORIGIN_NORTH + v[3]]} for k, v in city.districts.items()},
+                                  "north": [ORIGIN_NORTH + v[2], ORIGIN_NORTH + v[3]]}
+                              for k, v in city.districts.items()},
             "map": {"road_half_width_m": ROAD_HALF_WIDTH, "sidewalk_width_m": SIDEWALK_WIDTH,
                     "x_streets_east": [ORIGIN_EAST + float(v) for v in city.x_streets],
                     "y_streets_north": [ORIGIN_NORTH + float(v) for v in city.y_streets],
@@ -708,6 +721,8 @@ def ensure_city(preset: str = "small", seed: int = 0, cache_dir=None, resolution
             return final
         if final.exists():  # a folder without city.json is not ours to trust: regenerate it
             shutil.rmtree(final)
+        for stale in root.glob(f".{final.name}.tmp-*"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
         generate_city(final, preset, seed, res, workers=workers, verbose=verbose)
     return final
 
@@ -717,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output dataset root (must not exist or be empty)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the preset's, 128)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels (default: the preset's, 128)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)

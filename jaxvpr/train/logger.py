@@ -35,7 +35,7 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+                    self._tb.add_scalar(f"{kind}/{k}".replace("@", "_at_"), v, int(step))
 
     def close(self) -> None:
         if self.enabled:
