@@ -1,4 +1,15 @@
 import os
 
+import pytest
+
 # Tests run on the CPU with one device unless a test sets up more in a subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_city(tmp_path_factory):
+    """The synthetic `tiny` city, generated once per session ($JAXVPR_CACHE if set, else a temp dir)."""
+    from jaxvpr.data import synthetic
+
+    cache = os.environ.get("JAXVPR_CACHE") or tmp_path_factory.mktemp("jaxvpr_cache")
+    return synthetic.ensure_city("tiny", seed=0, cache_dir=cache)

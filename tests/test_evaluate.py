@@ -106,3 +106,56 @@ def test_format_table_lists_every_threshold():
     table = ev.format_table(res, "title")
     assert "25m" in table and "10m 30°" in table and "75.0" in table and "90.0" in table
     json.dumps(res)
+
+
+def test_cli_on_the_synthetic_city_writes_results_and_descriptors(tiny_city, tmp_path):
+    """End to end: a random-init CosPlace ResNet-18 on the tiny city's night queries."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, "-m", "jaxvpr.evaluate", "--dataset", str(tiny_city / "images/test"),
+                        "--queries", "queries_night", "--model", "cosplace_resnet18_512", "--random-init",
+                        "--thresholds", "10,25,25", "--angles", "-,-,60", "--batch-size", "64",
+                        "--save-descriptors", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "25m 60°" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["queries_folder"] == "queries_night" and res["descriptor_dim"] == 512
+    assert res["num_queries"] == 50 and res["num_database"] == 384
+    assert [(x["distance_m"], x["angle_deg"]) for x in res["results"]] == [(10.0, None), (25.0, None), (25.0, 60.0)]
+    assert res["results"][1]["upper_bound"] == 100.0  # every test query has a database image within 25 m
+    db = np.load(out / "database_descriptors.npy")
+    q = np.load(out / "queries_descriptors.npy")
+    pred = np.load(out / "predictions.npy")
+    assert db.shape == (384, 512) and q.shape == (50, 512) and pred.shape == (50, 20)
+    np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1.0, rtol=1e-5)
+    # predictions are the exact L2 neighbours of the saved descriptors
+    d2 = ((q[:, None] - db[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(pred[:, 0], d2.argmin(1))
+    assert len((out / "database_paths.txt").read_text().split()) == 384
+
+
+def test_corrupt_image_is_an_error_unless_skipped(tmp_path):
+    """A corrupt database image stops the evaluation with its name, or is skipped and counted."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder, n in (("database", 6), ("queries", 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+                tmp_path / folder / f"@{i * 3}.0@0.0@@@@@@@@@@@@@.jpg")
+    bad = tmp_path / "database" / "@100.0@0.0@@@@@@@@@@@@@.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cmd = [sys.executable, "-m", "jaxvpr.evaluate", "--dataset", str(tmp_path), "--model", "cosplace_resnet18_512",
+           "--random-init", "--batch-size", "4", "--out", str(tmp_path / "res")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and bad.name in r.stderr
+    r = subprocess.run(cmd + ["--skip-corrupt"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "res/results.json").read_text())
+    assert res["num_database_skipped"] == 1 and res["num_database"] == 6 and str(bad) in res["skipped_paths"]

@@ -24,8 +24,8 @@ FIELDS = ("east", "north", "zone_number", "zone_letter", "lat", "lon", "pano_id"
 
 
 @pytest.fixture(scope="session")
-def city_root(tmp_path_factory) -> pathlib.Path:
-    return synthetic.ensure_city("tiny", seed=0, cache_dir=tmp_path_factory.mktemp("jaxvpr_cache"))
+def city_root(tiny_city) -> pathlib.Path:
+    return tiny_city  # generated once per session (tests/conftest.py)
 
 
 def parse(path: str) -> dict:

@@ -1,6 +1,6 @@
 """The CosPlace + GRL trainer: 1 vs 8 devices, exact resume after SIGKILL, NaN stop, configs and CLI.
 
-Wiring tests: a small network (ResNet-18 cropped after layer3 + GeM, 64-d), 32x32 images from a
+Wiring tests: a small network (ResNet-18 cropped after layer3 + GeM, 64-d), 48x48 images from a
 small random dataset in the community layout, a few steps.
 """
 
@@ -53,7 +53,7 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a tiny dataset
-def _write_images(folder, n, rng, spread, size=32):
+def _write_images(folder, n, rng, spread, size=48):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         e, nn, h = 500000 + rng.uniform(0, spread), 4000000 + rng.uniform(0, spread), rng.uniform(0, 360)
@@ -79,7 +79,7 @@ from jaxvpr.train.config import cosplace_config
 def get_config():
     c = cosplace_config()
     c.data.root = {root!r}
-    c.data.image_size = 32
+    c.data.image_size = 48
     c.data.num_workers = 0
     c.data.target_folder = "images/target/night"
     c.model.backbone = "resnet18conv4"

@@ -29,7 +29,7 @@ def main(out: str, fsdp: bool):
     # A small network with the pieces that matter for sharding: convolutions, BatchNorm, GeM, Linear.
     model_cfg = model_config({"backbone": "resnet18conv4", "head": "gem", "fc_output_dim": 64})
     model = build_model(model_cfg)
-    variables = init_variables(model_cfg, jax.random.key(0), image_size=(32, 32))
+    variables = init_variables(model_cfg, jax.random.key(0), image_size=(48, 48))
     txs = cosplace.make_optimizers(config, variables["params"], model_cfg)
     disc = DomainDiscriminator(n_domains=2)
     disc_params = disc.init(jax.random.key(1), jnp.zeros((1, 256)))["params"]
@@ -47,9 +47,9 @@ def main(out: str, fsdp: bool):
     rng = np.random.default_rng(0)
     losses = []
     for i in range(3):
-        batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+        batch = {"image": rng.normal(size=(16, 48, 48, 3)).astype(np.float32),
                  "label": rng.integers(0, 40, 16).astype(np.int32),
-                 "target_image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32)}
+                 "target_image": rng.normal(size=(8, 48, 48, 3)).astype(np.float32)}
         state, metrics = step(state, parallel.global_batch(batch, mesh), jnp.float32(0.5))
         losses.append(float(metrics["loss"]))
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
