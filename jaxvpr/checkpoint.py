@@ -109,16 +109,28 @@ def load_model(path: str | os.PathLike, which: str = "best") -> tuple[ConfigDict
 
     Arrays are restored against the shapes the model config builds, so a checkpoint written for
     another architecture is an error that names the mismatching tensors rather than a silent misuse.
+    They land on this process's first device whatever the topology that wrote them (a run on 8
+    devices or 4 hosts loads on a laptop); callers place them where they need them.
     """
     from jaxvpr.models import model_config  # local import: the model zoo imports heavy modules
 
     meta, directory, step = read_meta(path, which)
     cfg = model_config(meta["model"])
     with ocp.CheckpointManager(directory, item_names=("model", "meta")) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-    variables = restored["model"]
+        variables = _restore_local(manager, step, "model", directory)
     check_tree_matches(abstract_variables(cfg), variables, f"{directory}/{step}/model")
     return cfg, variables
+
+
+def _restore_local(manager: ocp.CheckpointManager, step: int, item: str, directory) -> Any:
+    """Restores ``item`` of ``step`` onto this process's first device, shapes as saved."""
+    handler = ocp.StandardCheckpointHandler()
+    meta_tree = handler.metadata(Path(directory) / str(step) / item)
+    meta_tree = getattr(meta_tree, "tree", meta_tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta_tree)
+    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+    return restored[item]
 
 
 def abstract_variables(cfg):
@@ -190,19 +202,29 @@ class TrainCheckpointer:
                 classifiers=ocp.args.StandardSave(store), meta=ocp.args.JsonSave(meta)))
             self.manager.wait_until_finished()
 
-    def restore_latest(self, state, classifiers: list[dict]):
-        """``(state, classifiers, progress)`` from the latest step, or None when there is none."""
+    def restore_latest(self, state, classifiers: list[dict], shardings=None):
+        """``(state, classifiers, progress)`` from the latest step, or None when there is none.
+
+        ``shardings`` (a tree like ``state``, e.g. ``parallel.state_shardings``) says where each array
+        goes: Orbax reads each device's part directly, so a run saved on one topology (process and
+        device count) resumes on another. Classifiers come back as host numpy arrays.
+        """
         step = self.manager.latest_step()
         if step is None:
             return None
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, state)
         model_t, train_t = self._split(state)
-        store_t = {f"group_{g}": c for g, c in enumerate(classifiers)}
-        to_abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        model_s, train_s = self._split(shardings)
+        store_t = {f"group_{g}": jax.tree.map(np.asarray, c) for g, c in enumerate(classifiers)}
+        to_abstract = lambda tree, sh: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sh)
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(to_abstract(model_t)),
-                train=ocp.args.StandardRestore(to_abstract(train_t)),
-                classifiers=ocp.args.StandardRestore(to_abstract(store_t)),
+                model=ocp.args.StandardRestore(to_abstract(model_t, model_s)),
+                train=ocp.args.StandardRestore(to_abstract(train_t, train_s)),
+                classifiers=ocp.args.StandardRestore(store_t),
                 meta=ocp.args.JsonRestore()))
         except Exception as e:  # a checkpoint of another run or model: say where, keep it intact
             raise CheckpointError(
@@ -219,8 +241,7 @@ class TrainCheckpointer:
         step = self.best.latest_step()
         if step is None:
             return None
-        r = self.best.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-        return r["model"]
+        return _restore_local(self.best, step, "model", self.best.directory)
 
     def close(self) -> None:
         self.manager.close()

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvpr import parallel
 from jaxvpr.data.format import ImageFolder, SplitDataset, read_split
 from jaxvpr.data.positives import PositiveFinder, is_positive
 
@@ -146,7 +147,7 @@ class Describer:
     """
 
     def __init__(self, model, mesh=None):
-        from jaxvpr import parallel
+
 
         # Each process describes its own share of the images on its own devices (see
         # extract_descriptors), so the default mesh holds this process's devices only.
@@ -157,7 +158,7 @@ class Describer:
         self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     def bind(self, variables) -> Callable[[np.ndarray], jax.Array]:
-        from jaxvpr import parallel
+
 
         variables = jax.device_put(parallel.to_host(variables), self._replicated)
 
@@ -189,7 +190,7 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
 
     from jaxvpr.data import pipeline
 
-    from jaxvpr import parallel
+
 
     start, stop, per = parallel.process_rows(len(paths))
     mine = paths[start:stop]
@@ -264,7 +265,7 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
                             skip_corrupt, queries_folder, progress, mixed_sizes=True)
     results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder)
     results["seconds"] = round(time.time() - start, 2)
-    if out_dir is not None:
+    if out_dir is not None and parallel.is_main_process():  # every process holds the same results
         write_results(out_dir, results, split, db, q, predictions, save_descriptors)
     return results
 
@@ -359,6 +360,7 @@ def main(argv):
         return 0
     if not FLAGS.dataset:
         raise SystemExit("--dataset SPLIT_DIR is required (the folder holding database/ and the queries folder).")
+    parallel.initialize()  # several processes split the extraction (launch/local_multiprocess.sh sets it up)
     thresholds = parse_thresholds(FLAGS.thresholds, FLAGS.angles)
     model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
     resize = parse_resize(FLAGS.resize)
@@ -366,6 +368,8 @@ def main(argv):
     results = evaluate(model, variables, FLAGS.dataset, FLAGS.queries, thresholds, resize, q_resize,
                        FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
                        FLAGS.save_descriptors)
+    if not parallel.is_main_process():
+        return 0
     title = (f"{results['dataset']} / {results['queries_folder']}: {results['num_queries']} queries, "
              f"{results['num_database']} database images, {results['descriptor_dim']}-d")
     print(format_table(results["results"], title))

@@ -25,8 +25,10 @@ flags.DEFINE_string("workdir", None, "Run folder (logs, checkpoints, results). D
 def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
     """Evaluates ``config.model`` (a checkpoint, or random weights) on every configured query folder."""
     from jaxvpr import evaluate as ev
-
+    from jaxvpr import parallel
     from jaxvpr.data.format import dataset_root
+
+    main = parallel.is_main_process()  # every process describes its share; process 0 reports
 
     root = dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
     model, variables, _ = ev.load_for_evaluation(
@@ -40,11 +42,13 @@ def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
         res = ev.evaluate(model, variables, root / "images" / config.eval.split, queries, thresholds,
                           resize, batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
                           out_dir=out)
-        print(ev.format_table(res["results"], f"\n{config.eval.split}/{queries}: {res['num_queries']} queries, "
-                                              f"{res['num_database']} database images"))
+        if main:
+            print(ev.format_table(res["results"], f"\n{config.eval.split}/{queries}: {res['num_queries']} queries, "
+                                                  f"{res['num_database']} database images"))
         all_results[queries] = res
-    (workdir / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
-    print(f"\nwrote {workdir / 'results.json'}")
+    if main:
+        ev.atomic_write_text(workdir / "results.json", json.dumps(all_results, indent=2) + "\n")
+        print(f"\nwrote {workdir / 'results.json'}")
     return all_results
 
 

@@ -20,10 +20,11 @@ DATA_AXES = ("data", "fsdp")
 ENV_COORDINATOR = "JAXVPR_COORDINATOR"      # host:port of process 0
 ENV_NUM_PROCESSES = "JAXVPR_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXVPR_PROCESS_ID"
+ENV_HEARTBEAT = "JAXVPR_HEARTBEAT_TIMEOUT"  # seconds before a silent process fails the others
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, heartbeat_timeout_seconds: int = 100) -> str:
+               process_id: int | None = None, heartbeat_timeout_seconds: int | None = None) -> str:
     """Starts JAX's distributed runtime when the run spans several processes; returns how it started.
 
     Order of precedence:
@@ -33,8 +34,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     3. a multi-host TPU VM pod ("tpu": JAX reads the TPU metadata);
     4. otherwise one process ("single").
     On CPU, collectives go through gloo. A process that stops sending heartbeats for
-    ``heartbeat_timeout_seconds`` makes the others fail with an error instead of hanging.
+    ``heartbeat_timeout_seconds`` (default ``$JAXVPR_HEARTBEAT_TIMEOUT`` or 100) makes the others
+    fail with an error instead of hanging.
     """
+    if heartbeat_timeout_seconds is None:
+        heartbeat_timeout_seconds = int(os.environ.get(ENV_HEARTBEAT, "100"))
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
     if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
         num_processes = int(os.environ[ENV_NUM_PROCESSES])
@@ -59,6 +63,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                        heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         else:
             jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    if mode != "single" and jax.process_index() == 0:
+        print(f"jax.distributed ({mode}): {jax.process_count()} processes, {jax.local_device_count()} local / "
+              f"{jax.device_count()} global {jax.devices()[0].platform} devices", flush=True)
     logging.info("jax %s: process %d of %d, %d local / %d global devices (%s)", mode, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
     return mode

@@ -300,13 +300,18 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     state = trainer.initial_state(variables, classifiers[0])
     progress = {"epoch": 0, "step_in_epoch": 0, "best_recall": -1.0, "best_epoch": -1}
 
-    restored = trainer.checkpointer.restore_latest(state, classifiers)
+    shardings = parallel.state_shardings(state, trainer.mesh, config.mesh.shard_params)
+    restored = trainer.checkpointer.restore_latest(state, classifiers, shardings)
     if restored is not None:
         state, classifiers, progress = restored
         logging.info("resumed from step %d (epoch %d, iteration %d)", int(state.step), progress["epoch"],
                      progress["step_in_epoch"])
         trainer.say(f"Resuming {workdir} at epoch {progress['epoch']}, iteration {progress['step_in_epoch']}.")
     state = trainer.place(state)
+    if jax.process_count() > 1 or jax.device_count() > 1:
+        trainer.say(f"Topology: {parallel.describe_topology(trainer.mesh)}; global batch {t.batch_size} "
+                    f"({t.batch_size // jax.process_count()} per process)"
+                    + (f" + {config.grl.target_batch_size} target" if config.grl.enabled else "") + ".")
     data_sharding = parallel.batch_sharding(trainer.mesh)
     state_sharding = parallel.state_shardings(state, trainer.mesh, config.mesh.shard_params)
     step_fn = jax.jit(make_train_step(trainer.model, trainer.discriminator, trainer.txs, config),
@@ -430,8 +435,8 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
 
 
 def _to_host_classifier(state: TrainState) -> dict:
-    return {"weight": np.asarray(jax.device_get(state.classifier)),
-            "opt": jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state.classifier_opt)}
+    """The group's classifier and its Adam state as host numpy (gathered if sharded over processes)."""
+    return {"weight": parallel.to_host(state.classifier), "opt": parallel.to_host(state.classifier_opt)}
 
 
 def _accumulate(sums: dict, metrics, epoch: int, it: int) -> None:

@@ -1,0 +1,275 @@
+"""Multi-process runs on one machine (jax.distributed on 127.0.0.1, gloo CPU collectives).
+
+- 2 processes x 2 simulated devices train the demo recipe (on the `tiny` synthetic city, a few
+  steps, a small network) and end with the same parameters as 1 process x 4 devices;
+- evaluation split over 2 processes gives the same recalls as 1 process;
+- a killed process makes the survivor exit with an error within a bounded time;
+- the launch scripts' dry runs print the commands they would run.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    for k in ("XLA_FLAGS", "JAXVPR_COORDINATOR", "JAXVPR_NUM_PROCESSES", "JAXVPR_PROCESS_ID"):
+        env.pop(k, None)
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHON": sys.executable, **extra})
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The demo recipe (CosPlace + GRL, night target) cut down to a few steps of a small network.
+DEMO_OVERRIDES = [
+    "--config", "configs/demo.py",
+    "--config.data.synthetic_preset=tiny",
+    "--config.data.image_size=48",
+    "--config.data.eval_resize=64",
+    "--config.model.backbone=resnet18conv4",
+    "--config.model.head=gem",
+    "--config.model.fc_output_dim=64",
+    "--config.train.epochs=2",
+    "--config.train.groups_num=2",
+    "--config.train.iterations_per_epoch=2",
+    "--config.train.batch_size=8",
+    "--config.train.eval_before_training=False",
+    "--config.grl.target_batch_size=4",
+    "--config.grl.source_to_discriminator=4",
+]
+
+
+def _params(workdir):
+    """The latest checkpoint's model (saved on 4 devices; loads on this test's one device)."""
+    import jax
+
+    from jaxvpr.checkpoint import load_model, read_meta
+
+    _, _, step = read_meta(Path(workdir) / "checkpoints", "latest")
+    _, variables = load_model(Path(workdir) / "checkpoints", "latest")
+    return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def _assert_same(a, b, steps=4, lr=1e-4):
+    """Equal to fp tolerance. Adam moves a weight by about lr per step whatever its gradient's size,
+    so a weight whose gradient is ~0 may differ by up to ~lr per step between two summation orders:
+    such weights must be rare, and none may differ by more than 2 * steps * lr."""
+    assert a.keys() == b.keys()
+    for k in a:
+        close = np.isclose(a[k], b[k], rtol=2e-4, atol=2e-5)
+        assert close.mean() > 1 - 1e-4, (k, close.size - close.sum())
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2 * steps * lr, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path, tiny_city):
+    cache = str(Path(tiny_city).parent)  # the session's synthetic-city cache
+    env = _env(JAXVPR_CACHE=cache)
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "jaxvpr.main", *DEMO_OVERRIDES, "--workdir", str(one)],
+                   env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=REPO,
+                   check=True, timeout=600, capture_output=True)
+    two = tmp_path / "two"
+    r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "2", "--devices-per-process", "2",
+                        "--port", str(_free_port()), *DEMO_OVERRIDES, "--workdir", str(two)],
+                       env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes, 2 local / 4 global cpu devices" in r.stdout
+    assert r.stdout.count("epoch 2/2") == 1, "only process 0 prints"
+
+    step_1, a = _params(one)
+    step_2, b = _params(two)
+    assert step_1 == step_2 == 4
+    _assert_same(a, b)
+    # Same training curve and the same test recalls, written once by process 0.
+    epochs = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(l)["kind"] == "epoch"]
+    for ea, eb in zip(epochs(one), epochs(two), strict=True):
+        assert ea["cosface_loss"] == pytest.approx(eb["cosface_loss"], rel=1e-4)
+        assert ea["domain_loss"] == pytest.approx(eb["domain_loss"], rel=1e-4)
+    ra = json.loads((one / "results.json").read_text())
+    rb = json.loads((two / "results.json").read_text())
+    for q in ("queries", "queries_night"):
+        assert ra["test"][q]["results"][0]["recall"] == pytest.approx(rb["test"][q]["results"][0]["recall"], abs=1e-6)
+
+    # Resume on another topology: the 2-process run's end-of-epoch-1 checkpoint, continued by one
+    # process with one device, ends where the uninterrupted runs ended.
+    three = tmp_path / "three"
+    (three / "checkpoints").mkdir(parents=True)
+    shutil.copytree(two / "checkpoints" / "2", three / "checkpoints" / "2")
+    r = subprocess.run([sys.executable, "-m", "jaxvpr.main", *DEMO_OVERRIDES, "--workdir", str(three)],
+                       env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming" in r.stdout
+    step_3, c = _params(three)
+    assert step_3 == 4
+    _assert_same(a, c)
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_gives_the_same_recalls(tmp_path, tiny_city):
+    split = Path(tiny_city) / "images" / "test"
+    common = ["-m", "jaxvpr.evaluate", "--dataset", str(split), "--queries", "queries_night",
+              "--model", "cosplace_resnet18_512", "--random-init", "--resize", "96,96",
+              "--thresholds", "10,25", "--save-descriptors"]
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, *common, "--out", str(single)], env=_env(), cwd=REPO, check=True,
+                   timeout=600, capture_output=True)
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *common, "--out", str(multi)], cwd=REPO,
+                              env=_env(JAXVPR_COORDINATOR=f"127.0.0.1:{port}", JAXVPR_NUM_PROCESSES="2",
+                                       JAXVPR_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "results.json" in outs[0][0] and "results.json" not in outs[1][0], "only process 0 reports"
+
+    a = json.loads((single / "results.json").read_text())
+    b = json.loads((multi / "results.json").read_text())
+    assert a["num_queries"] == b["num_queries"] and a["num_database"] == b["num_database"]
+    for ra, rb in zip(a["results"], b["results"], strict=True):
+        assert ra["upper_bound"] == rb["upper_bound"]
+        assert ra["recall"] == pytest.approx(rb["recall"], abs=1e-9)
+    np.testing.assert_allclose(np.load(single / "database_descriptors.npy"),
+                               np.load(multi / "database_descriptors.npy"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.load(single / "predictions.npy")[:, :5],
+                                  np.load(multi / "predictions.npy")[:, :5])
+
+
+DEATH_SCRIPT = """
+import os, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jaxvpr import parallel
+parallel.initialize()
+print("ready", jax.process_index(), flush=True)
+for i in range(100000):
+    multihost_utils.process_allgather(np.array([i]))  # a collective each step, like a training loop
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_process_makes_the_others_exit_with_an_error(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(DEATH_SCRIPT)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO,
+                              env=_env(JAXVPR_COORDINATOR=f"127.0.0.1:{port}", JAXVPR_NUM_PROCESSES="2",
+                                       JAXVPR_PROCESS_ID=str(i), JAXVPR_HEARTBEAT_TIMEOUT="10"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    # Wait until both processes are in the loop, then kill process 1 (not the coordinator).
+    assert procs[1].stdout.readline().startswith("ready"), procs[1].stderr.read()[-2000:]
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    start = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("process 0 still runs 120 s after process 1 was killed")
+    elapsed = time.time() - start
+    assert procs[0].returncode != 0
+    assert elapsed < 120
+    # The error names the cause (a lost peer / failed collective), not just a crash.
+    assert any(s in err for s in ("heartbeat", "unavailable", "UNAVAILABLE", "Connection", "connection",
+                                  "peer", "closed", "DEADLINE", "task")), err[-3000:]
+
+
+def test_local_multiprocess_dry_run():
+    r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "3", "--devices-per-process", "2",
+                        "--port", "12345", "--dry-run", "--config", "configs/demo.py", "--workdir", "/tmp/w",
+                        "--config.train.epochs=1"], env=_env(), cwd=REPO, capture_output=True, text=True,
+                       check=True)
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        argv = shlex.split(line)
+        assert argv[0] == "env"
+        assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in argv
+        assert "JAXVPR_COORDINATOR=127.0.0.1:12345" in argv
+        assert "JAXVPR_NUM_PROCESSES=3" in argv and f"JAXVPR_PROCESS_ID={i}" in argv
+        assert argv[argv.index("-m") + 1] == "jaxvpr.main"
+        assert argv[-5:] == ["--config", "configs/demo.py", "--workdir", "/tmp/w", "--config.train.epochs=1"]
+
+
+def test_local_multiprocess_usage_error():
+    r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--config", "x"], env=_env(), cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "NUM_PROCESSES" in r.stdout + r.stderr
+
+
+def test_local_multiprocess_reports_a_failed_process(tmp_path):
+    """A process that fails (here: an unknown config field) makes the launcher exit non-zero."""
+    r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "2", "--port", str(_free_port()),
+                        "--config", "configs/demo.py", "--workdir", str(tmp_path),
+                        "--config.train.no_such_field=1"], env=_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "no_such_field" in r.stderr
+
+
+def test_tpu_pod_dry_run():
+    r = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run", "--config", "configs/grl_tokyo.py",
+                        "--workdir", "/mnt/runs/grl tokyo"], cwd=REPO, capture_output=True, text=True, check=True,
+                       env=_env(TPU_NAME="vpr-pod", ZONE="us-central2-b", ACCELERATOR="v4-32",
+                                REPO="https://github.com/example/jaxvpr.git", REF="abc123", DATA="/mnt/data"))
+    lines = [shlex.split(l) for l in r.stdout.strip().splitlines()]
+    assert len(lines) == 3
+    create, setup, run = lines
+    assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"] and "vpr-pod" in create
+    assert create[create.index("--accelerator-type") + 1] == "v4-32"
+    assert create[create.index("--zone") + 1] == "us-central2-b"
+    for cmd in (setup, run):
+        assert cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in cmd
+    setup_cmd = setup[setup.index("--command") + 1]
+    assert "git clone -q https://github.com/example/jaxvpr.git jaxvpr" in setup_cmd
+    assert "checkout -q abc123" in setup_cmd and "jaxvpr[tpu]" in setup_cmd
+    run_cmd = run[run.index("--command") + 1]
+    assert "export JAXVPR_DATA=/mnt/data" in run_cmd
+    # The remote shell sees the arguments intact (the workdir with a space stays one argument).
+    remote = shlex.split(run_cmd.split("&&", 1)[1])
+    assert remote[:3] == ["~/jaxvpr-venv/bin/python", "-m", "jaxvpr.main"]
+    assert remote[3:] == ["--config", "configs/grl_tokyo.py", "--workdir", "/mnt/runs/grl tokyo"]
+
+
+def test_tpu_pod_needs_its_environment():
+    env = _env()
+    env.pop("TPU_NAME", None)
+    r = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "TPU_NAME" in r.stderr
+
+
+@pytest.mark.parametrize("per, tasks, bind", [("gpu", "8", True), ("node", "1", False)])
+def test_slurm_dry_run(per, tasks, bind):
+    r = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--config", "configs/grl_tokyo.py",
+                        "--workdir", "/shared/run"], cwd=REPO, capture_output=True, text=True, check=True,
+                       env=_env(DRY_RUN="1", PER=per, SLURM_NNODES="2", SLURM_GPUS_PER_NODE="8", VENV="/opt/venv"))
+    argv = shlex.split(r.stdout.strip())
+    assert argv[0] == "srun" and "--nodes=2" in argv and f"--ntasks-per-node={tasks}" in argv
+    assert ("--gpus-per-task=1" in argv) == bind
+    assert "--kill-on-bad-exit=1" in argv
+    assert argv[argv.index("-m") - 1] == "/opt/venv/bin/python" and argv[argv.index("-m") + 1] == "jaxvpr.main"
+    assert argv[-4:] == ["--config", "configs/grl_tokyo.py", "--workdir", "/shared/run"]
