@@ -7,6 +7,7 @@ everything, so call sites need no ``if``.
 from __future__ import annotations
 
 import json
+import time
 import math
 from pathlib import Path
 
@@ -31,7 +32,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in values.items()}
-        self._file.write(json.dumps({"kind": kind, "step": int(step), **clean}) + "\n")
+        record = {"kind": kind, "step": int(step), "time": round(time.time(), 3), **clean}  # time: unix seconds
+        self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
