@@ -214,7 +214,9 @@ def resize_antialias(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (h, w) == (out_h, out_w):
         return np.asarray(img, np.float32)
     rows = antialias_weights(h, out_h) @ np.asarray(img, np.float32).reshape(h, w * c)  # (H', W*C)
-    out = np.einsum("ywc,xw->yxc", rows.reshape(out_h, w, c), antialias_weights(w, out_w), optimize=True)
+    # Width pass as one large matrix product: (W', W) @ (W, H'*C), then back to (H', W', C).
+    cols = np.ascontiguousarray(rows.reshape(out_h, w, c).transpose(1, 0, 2)).reshape(w, out_h * c)
+    out = (antialias_weights(w, out_w) @ cols).reshape(out_w, out_h, c).transpose(1, 0, 2)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
