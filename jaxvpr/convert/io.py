@@ -117,4 +117,5 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
     if suffix not in (".pth", ".pt"):
         raise CheckpointFormatError(f"{path}: can only write .safetensors, .pth or .pt, not {suffix!r}")
     torch = require_torch()
-    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    # torch tensors own writable memory: copy read-only arrays (e.g. views of restored checkpoints).
+    torch.save({k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in arrays.items()}, path)
