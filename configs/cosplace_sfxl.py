@@ -7,7 +7,7 @@ sf_xl/processed/train/ (with train_images_paths.txt beside it, recommended), sf_
 {database,queries}/ and sf_xl/processed/test/{database,queries_v1}/. ResNet-18, 512-d, cells M=10 m,
 alpha=30 deg, N=5, L=2, 8 groups, classes with >= 10 images, batch 32, Adam 1e-5 / 1e-2, ColorJitter
 0.7/0.7/0.7/0.5, RandomResizedCrop scale 0.5-1 to 512x512, 10,000 iterations per epoch.
-Initialise the backbone with ImageNet weights converted from torchvision (see README, "Conversion")
+Initialise the backbone with ImageNet weights converted from torchvision (see README, "Converting weights, extracting descriptors")
 through --config.model.init_checkpoint=CKPT.
 """
 

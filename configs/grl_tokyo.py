@@ -13,26 +13,21 @@ fresh classifiers. For the ImageNet-initialised variant pass a converted ImageNe
 Tokyo 24/7 queries are phone photos of varying size: they are described at native size, grouped by size.
 """
 
-from jaxvpr.train.config import cosplace_config
+import importlib.util
+from pathlib import Path
+
+# Setting 2 shares every training and GRL setting with setting 1 (configs/grl_sfxl.py); only the
+# validation, test and target data differ.
+_spec = importlib.util.spec_from_file_location("grl_sfxl", Path(__file__).with_name("grl_sfxl.py"))
+_setting1 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_setting1)
 
 
 def get_config():
-    c = cosplace_config()
-    c.data.train_folder = "sf_xl/processed/train"
+    c = _setting1.get_config()
     c.data.val_split = "tokyo_xs/images/test"
     c.data.val_queries = "queries"
     c.data.test_split = "tokyo247/images/test"
     c.data.test_queries = "queries"
     c.data.target_folder = "tokyo247/images/test/queries"
-    c.data.image_size = 512
-    c.model.name = "cosplace_resnet18_512"
-    c.model.init_checkpoint = ""     # path of the converted CosPlace ResNet-18/512 hub checkpoint
-    c.train.epochs = 20
-    c.grl.enabled = True
-    c.grl.lr = 1e-2
-    c.grl.weight = 10.0
-    c.grl.gamma = 10.0
-    c.grl.target_batch_size = 8
-    c.grl.source_to_discriminator = 8
-    c.grl.attach = "features"
     return c
