@@ -147,8 +147,6 @@ class Describer:
     """
 
     def __init__(self, model, mesh=None):
-
-
         # Each process describes its own share of the images on its own devices (see
         # extract_descriptors), so the default mesh holds this process's devices only.
         self.mesh = parallel.local_mesh() if mesh is None else mesh
@@ -158,8 +156,6 @@ class Describer:
         self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     def bind(self, variables) -> Callable[[np.ndarray], jax.Array]:
-
-
         variables = jax.device_put(parallel.to_host(variables), self._replicated)
 
         def describe(images: np.ndarray) -> jax.Array:
@@ -189,8 +185,6 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
     from tqdm.auto import tqdm
 
     from jaxvpr.data import pipeline
-
-
 
     start, stop, per = parallel.process_rows(len(paths))
     mine = paths[start:stop]
