@@ -36,7 +36,8 @@ def overrides(iterations: int, size: int) -> list[str]:
     return ["--config", "configs/demo.py", "--config.data.synthetic_preset=tiny",
             f"--config.data.image_size={size}", "--config.train.epochs=1",
             f"--config.train.iterations_per_epoch={iterations}", "--config.train.batch_size=16",
-            "--config.train.groups_num=1", "--config.train.log_every=1",
+            "--config.train.groups_num=1", "--config.train.log_every=1", "--config.model.init_checkpoint=",
+            "--config.model.train_all_layers=True", "--config.train.min_images_per_class=1",
             "--config.train.eval_before_training=False", "--config.data.test_queries=queries"]
 
 

@@ -1,4 +1,4 @@
-"""The demo without gradient reversal: the baseline against which configs/demo.py's GRL is measured.
+"""The demo's control: the same fine-tuning of the same baseline, without gradient reversal.
 
     python -m jaxvpr.main --config configs/demo_nogrl.py --workdir workdir/demo_nogrl
 """
@@ -14,4 +14,5 @@ _spec.loader.exec_module(_demo)
 def get_config():
     c = _demo.get_config()
     c.grl.enabled = False
+    c.data.target_folder = ""
     return c

@@ -116,6 +116,27 @@ def compute_results(database: ImageFolder, queries: ImageFolder, predictions: np
     return out
 
 
+def chance_recalls(database: ImageFolder, queries: ImageFolder, threshold: Threshold = Threshold(25.0),
+                   recall_values: Sequence[int] = RECALL_VALUES) -> dict[str, float]:
+    """Expected recall@N (percent) of a uniformly random ranking of the database: the chance level.
+
+    A query with P positives among D database images is missed at N with probability
+    C(D - P, N) / C(D, N) = prod_{i < N} (D - P - i) / (D - i); the chance recall@N is the mean of
+    one minus that over the queries.
+    """
+    finder = PositiveFinder(database.utm, database.heading)
+    found = finder.positives(queries.utm, threshold.distance_m, queries.heading, threshold.angle_deg)
+    n_pos = np.asarray([len(p) for p in found], np.float64)
+    d = float(len(database))
+    out = {}
+    for n in recall_values:
+        miss = np.ones_like(n_pos)
+        for i in range(min(int(n), int(d))):
+            miss *= np.clip((d - n_pos - i) / (d - i), 0.0, 1.0)
+        out[str(n)] = float(100.0 * np.mean(1.0 - miss)) if len(n_pos) else 0.0
+    return out
+
+
 def format_table(results: list[dict], title: str = "") -> str:
     """A plain-text table: one row per threshold, columns R@N and the upper bound."""
     keys = list(results[0]["recall"]) if results else [str(n) for n in RECALL_VALUES]
@@ -262,6 +283,27 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
     if out_dir is not None and parallel.is_main_process():  # every process holds the same results
         write_results(out_dir, results, split, db, q, predictions, save_descriptors)
     return results
+
+
+def evaluate_query_sets(describe: Callable, items: Sequence[tuple[SplitDataset, str]],
+                        thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, batch_size: int = 32,
+                        num_workers: int = 0, progress: bool = False) -> list[dict]:
+    """Results of several ``(split, queries_folder)`` pairs, describing each distinct database once.
+
+    E.g. day and night test queries against one test database (the demo's per-epoch monitor, or
+    Tokyo 24/7's day/sunset/night sets) cost one database extraction, not one per query set.
+    """
+    databases: dict[str, Descriptors] = {}
+    out = []
+    for split, queries in items:
+        key = str(split.database.root)
+        if key not in databases:
+            databases[key] = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
+                                                 False, "database", progress)
+        q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, resize, num_workers, False, queries,
+                                progress, mixed_sizes=True)
+        out.append(evaluate_descriptors(split, databases[key], q, thresholds, queries)[0])
+    return out
 
 
 def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str = "queries",

@@ -57,6 +57,21 @@ def test_compute_results_hand_computed():
     assert res[2]["upper_bound"] == pytest.approx(200 / 3)
 
 
+def test_chance_recalls_hand_computed_and_by_simulation():
+    # 6 database images every 10 m. Query 0 at 3 m: positives within 15 m are db0, db1 (P = 2);
+    # query 1 far away: P = 0. R@1 = mean(2/6, 0); R@2 = mean(1 - (4/6)(3/5), 0) = mean(0.6, 0).
+    database = _folder([[0, 0], [10, 0], [20, 0], [30, 0], [40, 0], [50, 0]], [0] * 6)
+    queries = _folder([[3, 0], [1000, 0]], [0, 0])
+    c = ev.chance_recalls(database, queries, ev.Threshold(15.0), (1, 2, 6))
+    assert c["1"] == pytest.approx(100 * (2 / 6) / 2)
+    assert c["2"] == pytest.approx(100 * 0.6 / 2)
+    assert c["6"] == pytest.approx(50.0)
+    # Monte Carlo: random rankings of the database.
+    rng = np.random.default_rng(0)
+    hits = [[bool({0, 1} & set(rng.permutation(6)[:2].tolist())), False] for _ in range(20000)]
+    assert 100 * np.mean(hits) == pytest.approx(c["2"], abs=1.0)
+
+
 def _brute_force_recalls(db_desc, q_desc, db_utm, q_utm, thr, ks):
     d2 = ((q_desc[:, None, :] - db_desc[None, :, :]) ** 2).sum(-1)
     order = np.argsort(d2, axis=1, kind="stable")

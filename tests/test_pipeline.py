@@ -163,7 +163,9 @@ def test_eval_batches_by_size_groups_equal_sizes(folder):
     batches = list(it)
     seen = []
     for b in batches:
-        assert b["image"].shape[0] == 4
+        # A size group of fewer images than the batch is one batch of its own size, not padded to 4.
+        expected_rows = 1 if b["image"].shape[1:3] == (32, 32) else 4
+        assert b["image"].shape[0] == expected_rows
         rows = np.flatnonzero(b["valid"])
         for row in rows:
             i = int(b["index"][row])
@@ -173,6 +175,20 @@ def test_eval_batches_by_size_groups_equal_sizes(folder):
     assert sorted(seen) == [0, 1, 2, 3, 4, 5, 6]
     assert it.skipped_paths == [folder["garbage"]]
     assert {b["image"].shape[1:3] for b in batches} == {(H, W), (32, 32)}
+
+
+def test_class_balanced_sampler_never_repeats_a_class_within_a_batch():
+    # 10 classes, batches of 4: a pass uses 8 positions (the remainder of 2 is dropped, as CosPlace's
+    # DataLoader(drop_last=True)), so no batch straddles two passes.
+    sampler = pipeline.ClassBalancedSampler([[i] for i in range(10)], batch_size=4)
+    assert sampler.per_pass == 8
+    for b in range(50):
+        labels = [sampler.class_at(7, 4 * b + r) for r in range(4)]
+        assert len(set(labels)) == 4, (b, labels)
+    # Without batch_size a pass covers all classes (then batches can repeat a class across passes).
+    assert pipeline.ClassBalancedSampler([[i] for i in range(10)]).per_pass == 10
+    with pytest.raises(ValueError, match="distinct classes"):
+        pipeline.ClassBalancedSampler([[0], [1]], batch_size=3)
 
 
 def test_resize_shorter_side_output_sizes():

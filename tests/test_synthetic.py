@@ -45,7 +45,8 @@ def positions(paths) -> np.ndarray:
 
 def expected_folders() -> set[str]:
     base = {"train/database", "train/queries", "val/database", "val/queries", "test/database", "test/queries"}
-    return base | {f"test/queries_{d}" for d in synthetic.DOMAINS} | {f"target/{d}" for d in synthetic.DOMAINS}
+    return (base | {f"test/queries_{d}" for d in synthetic.DOMAINS} | {f"target/{d}" for d in synthetic.DOMAINS}
+            | {f"val/queries_{d}" for d in synthetic.DOMAINS})
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_names_parse_and_agree_with_utm(city_root):
 
 def test_splits_cover_disjoint_areas(city_root):
     split_folders = {"train": ["train/database", "train/queries"] + [f"target/{d}" for d in synthetic.DOMAINS],
-                     "val": ["val/database", "val/queries"],
+                     "val": ["val/database", "val/queries"] + [f"val/queries_{d}" for d in synthetic.DOMAINS],
                      "test": ["test/database", "test/queries"] + [f"test/queries_{d}" for d in synthetic.DOMAINS]}
     pts = {s: np.concatenate([positions(folder_images(city_root, f)) for f in fs]) for s, fs in split_folders.items()}
     boxes = {s: (p[:, 0].min(), p[:, 0].max(), p[:, 1].min(), p[:, 1].max()) for s, p in pts.items()}
@@ -233,7 +234,7 @@ def test_splits_cover_disjoint_areas(city_root):
 def test_every_eval_query_has_a_database_image_within_25m(city_root):
     for split in ("val", "test"):
         db = positions(folder_images(city_root, f"{split}/database"))
-        folders = [f"{split}/queries"] + ([f"test/queries_{d}" for d in synthetic.DOMAINS] if split == "test" else [])
+        folders = [f"{split}/queries"] + [f"{split}/queries_{d}" for d in synthetic.DOMAINS]
         for folder in folders:
             q = positions(folder_images(city_root, folder))
             nearest = np.sqrt(((q[:, None, :] - db[None, :, :]) ** 2).sum(-1)).min(1)

@@ -85,6 +85,7 @@ def get_config():
     c.model.backbone = "resnet18conv4"
     c.model.head = "gem"
     c.model.fc_output_dim = 64
+    c.model.train_all_layers = True
     c.train.epochs = 2
     c.train.iterations_per_epoch = 4
     c.train.batch_size = 4
@@ -217,3 +218,62 @@ def test_thesis_config_values():
 def test_unknown_config_field_is_an_error(tmp_path):
     r = _main(["--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.train.no_such_field=1"])
     assert r.returncode != 0 and "no_such_field" in r.stderr
+
+
+# ----------------------------------------------------------------------------- guards (issue: frozen random stages, init, topology)
+def test_frozen_random_stages_are_an_error_naming_them_and_the_fix(tmp_path, tiny_root):
+    from jaxvpr.train.cosplace import train
+
+    config = _load_config(_config_file(tmp_path, tiny_root))
+    config.model.train_all_layers = False  # resnet18conv4 default: only layer3 trains, the rest random
+    with pytest.raises(ValueError, match=r"frozen.*init_checkpoint.*train_all_layers") as info:
+        train(config, tmp_path / "w")
+    assert "layer1" in str(info.value) and "layer2" in str(info.value)
+
+
+def test_init_checkpoint_checks_architecture_not_freezing_policy(tmp_path):
+    import jax
+
+    from jaxvpr.checkpoint import CheckpointError, save_model
+    from jaxvpr.models import init_variables, model_config
+    from jaxvpr.train.cosplace import load_init_checkpoint
+
+    hub = model_config("cosplace_resnet18_512")  # CosPlace default: layer3+layer4 trainable
+    variables = init_variables(hub, jax.random.key(0), image_size=(64, 64))
+    save_model(tmp_path / "hub", hub, variables)
+    # Training all stages from the converted hub model (CosPlace's --train_all_layers) is allowed.
+    run = model_config("cosplace_resnet18_512", trainable_stages=None)
+    loaded = load_init_checkpoint(str(tmp_path / "hub"), run, variables)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(loaded)[0]), np.asarray(jax.tree.leaves(variables)[0]))
+    # A free composition of the same architecture under another name is allowed too.
+    free = model_config({"backbone": "resnet18", "head": "gem", "fc_output_dim": 512})
+    load_init_checkpoint(str(tmp_path / "hub"), free, variables)
+    # Another descriptor size is not.
+    other = model_config("cosplace_resnet18_512", fc_output_dim=256)
+    with pytest.raises(CheckpointError, match="fc_output_dim"):
+        load_init_checkpoint(str(tmp_path / "hub"), other, init_variables(other, jax.random.key(0), image_size=(64, 64)))
+
+
+def test_batch_sizes_not_divisible_by_the_topology_fail_before_any_work(tmp_path):
+    code = textwrap.dedent("""
+        import jax
+        from jaxvpr import parallel
+        from jaxvpr.train.config import cosplace_config
+        from jaxvpr.train.cosplace import check_topology
+        c = cosplace_config()
+        c.grl.enabled = True
+        c.train.batch_size = 32
+        c.grl.target_batch_size = 12
+        try:
+            check_topology(c, parallel.make_mesh())
+        except ValueError as e:
+            print("ERROR", e)
+        c.grl.target_batch_size = 16
+        check_topology(c, parallel.make_mesh())
+        print("OK 16")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR config.grl.target_batch_size=12 is not divisible by the 8 data-parallel devices" in r.stdout
+    assert "target_batch_size=16" in r.stdout and "OK 16" in r.stdout

@@ -112,26 +112,33 @@ class ClassBalancedSampler:
     """CosPlace's sampling of one group: every class once per pass, one random image per class.
 
     ``classes[c]`` lists the image indices of class ``c`` (indices into the training ``paths``).
-    For global position ``i``: pass ``i // n_classes`` permutes the classes with an RNG seeded
-    from ``(seed, pass)`` (like a shuffled DataLoader over the classes with ``drop_last``), entry
-    ``i % n_classes`` of that permutation is the class, and one image is drawn uniformly from it
-    with an RNG seeded from ``(seed, i)``. The label is the class position ``c`` in the group.
+    A pass covers ``n_classes`` positions, or with ``batch_size`` the largest multiple of it
+    (``n_classes - n_classes % batch_size``: the remainder of a pass is dropped, as CosPlace's
+    ``DataLoader(drop_last=True)`` over the classes does), so that a batch never holds a class twice.
+    For global position ``i``: pass ``i // per_pass`` permutes the classes with an RNG seeded from
+    ``(seed, pass)``, entry ``i % per_pass`` of that permutation is the class, and one image is
+    drawn uniformly from it with an RNG seeded from ``(seed, i)``. The label is the class position
+    ``c`` in the group.
 
     Replacement candidates (used only when an image is corrupt): the class's other images in a
     random order from the same RNG; if every image of the class is unreadable, other classes
     (with their own labels) in a random order.
     """
 
-    def __init__(self, classes: Sequence[Sequence[int]]):
+    def __init__(self, classes: Sequence[Sequence[int]], batch_size: int | None = None):
         if len(classes) == 0:
             raise ValueError("ClassBalancedSampler: the group has no classes.")
         sizes = np.asarray([len(c) for c in classes], np.int64)
         if (sizes == 0).any():
             raise ValueError(f"ClassBalancedSampler: class {int(np.argmin(sizes))} has no images.")
+        if batch_size is not None and not 0 < batch_size <= len(classes):
+            raise ValueError(f"ClassBalancedSampler: batch_size {batch_size} must be in [1, {len(classes)}] "
+                             "(the number of classes): a batch holds distinct classes.")
         # Classes stored flat (CSR) so the sampler pickles fast to worker processes.
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._images = np.concatenate([np.asarray(c, np.int64) for c in classes])
         self._passes = _PassPermutations(len(classes))
+        self.per_pass = len(classes) - (len(classes) % batch_size if batch_size else 0)
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +150,7 @@ class ClassBalancedSampler:
 
     def class_at(self, seed: int, position: int) -> int:
         """The class (position in the group) sampled at global position ``position``."""
-        pass_index, k = divmod(int(position), self.num_classes)
+        pass_index, k = divmod(int(position), self.per_pass)
         return int(self._passes(seed, pass_index)[k])
 
     def candidates(self, seed: int, position: int) -> Iterator[tuple[int, int]]:
@@ -565,7 +572,8 @@ def eval_batches_by_size(
     """Like :func:`eval_batches` for images of differing sizes (e.g. queries at native resolution).
 
     Images are grouped by size (:func:`group_by_size`); each group is batched and padded on its
-    own, so every batch has one size and a jitted model compiles once per distinct size (use
+    own, so every batch has one size and a jitted model compiles once per distinct size; a group of
+    fewer than ``batch_size`` images is one batch of exactly its size, not padded (use
     ``batch_size=1`` when nearly every query has its own size). ``index`` refers to ``paths``.
     """
     _check_eval_args(paths, batch_size, num_workers)
@@ -574,5 +582,7 @@ def eval_batches_by_size(
     segments = []
     for indices in group_by_size(paths, resize).values():
         sub_paths = [paths[i] for i in indices]
-        segments.append((_EvalBatchBuilder(sub_paths, batch_size, resize, skip_corrupt), indices))
+        # A size group smaller than the batch is batched at its own size (one image is not padded to 32).
+        segments.append((_EvalBatchBuilder(sub_paths, min(batch_size, len(sub_paths)), resize, skip_corrupt),
+                         indices))
     return EvalIterator(segments, num_workers)

@@ -10,6 +10,8 @@ and overcast conditions). The result is written in the community layout (SPEC §
     DIR/images/train/queries/          pedestrian views, daylight (train district)
     DIR/images/val/database/  DIR/images/val/queries/          (val district, daylight)
     DIR/images/test/database/ DIR/images/test/queries/         (test district, daylight)
+    DIR/images/val/queries_<domain>/   the same val viewpoints in each target domain (model selection
+                                       of adaptation runs, like Tokyo-XS for Tokyo 24/7)
     DIR/images/test/queries_<domain>/  the same test viewpoints in each target domain
     DIR/images/target/<domain>/        unlabeled target-domain pool (train district,
                                        other positions): what a domain-adaptation
@@ -70,7 +72,7 @@ from PIL import Image
 from jaxvpr.data import utm
 from jaxvpr.data.render import CAR, FACADE, PERSON, POLE, Boxes, Camera, City, Style, make_style, render_view
 
-VERSION = 1  # bump whenever the generated images change (it names the cache folder)
+VERSION = 3  # bump whenever the generated images change (it names the cache folder)
 DOMAINS = ("night", "rain", "snow", "fog", "sun", "overcast")
 SOURCE_DOMAIN = "day"
 
@@ -93,7 +95,7 @@ POSITIVE_DISTANCE = 25.0  # every val/test query has a database image this close
 # per split (test: per domain folder as well); target_per_domain: unlabeled pool size.
 PRESETS = {
     "tiny": {
-        "description": "CI and unit tests: ~2,600 images, ~25 s on 2 cores",
+        "description": "CI and unit tests: ~2,900 images, ~25 s on 2 cores",
         "resolution": 128,
         "block_sizes": (50.0, 60.0, 70.0),
         "districts": {"train": (1, 1), "val": (1, 1), "test": (2, 1)},  # blocks east x north
@@ -104,14 +106,14 @@ PRESETS = {
         "target_per_domain": 100,
     },
     "small": {
-        "description": "training demo: ~10,000 images, ~2 min on 2 cores",
+        "description": "training demo and the GRL seed study: ~14,800 images (300 val and 500 test queries per domain), ~1.5 min on 2 cores",
         "resolution": 128,
         "block_sizes": (50.0, 60.0, 70.0),
         "districts": {"train": (2, 2), "val": (1, 2), "test": (2, 2)},
         "train_passes": 4,
         "train_db_spacing": 5.0,
         "eval_db_spacing": 12.5,
-        "queries": {"train": 200, "val": 150, "test": 150},
+        "queries": {"train": 200, "val": 300, "test": 500},
         "target_per_domain": 300,
     },
 }
@@ -512,9 +514,11 @@ def plan_jobs(city: City, preset: dict, seed: int, resolution: int) -> list[Job]
     add_database("val", "val/database", preset["eval_db_spacing"], 1)
     add_database("test", "test/database", preset["eval_db_spacing"], 1)
     nq = preset["queries"]
+    val_cams = []
     for split in ("train", "val"):
         cams = pedestrian_cameras(city, split, nq[split], _rng(seed, "query_poses", split), resolution)
         add_queries(f"{split}/queries", cams, SOURCE_DOMAIN, f"{split[:2]}q", f"{split}_queries")
+        val_cams = cams
     # Test queries: the same viewpoints in daylight and in every target domain.
     test_cams = pedestrian_cameras(city, "test", nq["test"], _rng(seed, "query_poses", "test"), resolution)
     add_queries("test/queries", test_cams, SOURCE_DOMAIN, "teq", "test_queries_day")
@@ -525,6 +529,11 @@ def plan_jobs(city: City, preset: dict, seed: int, resolution: int) -> list[Job]
         poses_rng = _rng(seed, "target_poses", domain)
         cams = pedestrian_cameras(city, "train", preset["target_per_domain"], poses_rng, resolution)
         add_queries(f"target/{domain}", cams, domain, f"ta{domain[:2]}", f"target_{domain}")
+    # Validation queries of every target domain (the val viewpoints again): model selection for
+    # adaptation runs, as Tokyo-XS validates the thesis' Tokyo 24/7 runs. Planned last, so every image
+    # above is the same as in version 2.
+    for domain in DOMAINS:
+        add_queries(f"val/queries_{domain}", val_cams, domain, f"vaq{domain[:2]}", f"val_queries_{domain}")
     return jobs
 
 

@@ -40,6 +40,8 @@ def cosplace_config() -> ConfigDict:
     c.model.init_checkpoint = ""       # jaxvpr checkpoint (e.g. converted CosPlace hub weights)
     c.model.fc_output_dim = 0          # 0: the named model's descriptor size
     c.model.trainable_stages = -1      # -1: the model's default (CosPlace ResNet: layer3+layer4)
+    c.model.train_all_layers = False   # CosPlace's --train_all_layers: every backbone stage trains
+    c.model.allow_random_frozen = False  # permit frozen stages with random weights (no init_checkpoint)
 
     c.train = ConfigDict()
     c.train.epochs = 50
@@ -64,7 +66,8 @@ def cosplace_config() -> ConfigDict:
     c.train.checkpoint_every = 1000    # steps; also at every epoch end
     c.train.keep_checkpoints = 2       # the last k, besides the best
     c.train.log_every = 50
-    c.train.eval_before_training = False
+    c.train.eval_before_training = False  # evaluate data.monitor before the first step
+    c.train.eval_random_init = False   # ... and the randomly initialised network too (demo)
 
     c.grl = ConfigDict()
     c.grl.enabled = False
@@ -75,6 +78,18 @@ def cosplace_config() -> ConfigDict:
     c.grl.target_batch_size = 8
     c.grl.source_to_discriminator = 8
     c.grl.attach = "features"          # "features": pooled backbone map; "descriptors"
+    # One train-mode forward of source + target (shared BatchNorm statistics) or two separate ones.
+    # Separate passes normalise each domain by its own statistics and hide the domain difference from
+    # the discriminator (README, "The discriminator and BatchNorm"); keep True unless reproducing that.
+    c.grl.joint_batchnorm = True
+    # Augmentation of the target images: AdAGeo's GRL transform (ColorJitter 0.7/0.7/0.7, hue 0.1, no
+    # crop: the image is resized whole to image_size); the source augmentation's hue 0.5 would recolour
+    # exactly the cues (e.g. night lighting) that define the target domain.
+    c.grl.target_brightness = 0.7
+    c.grl.target_contrast = 0.7
+    c.grl.target_saturation = 0.7
+    c.grl.target_hue = 0.1
+    c.grl.target_random_resized_crop = 0.0
 
     c.eval = ConfigDict()
     c.eval.batch_size = 32

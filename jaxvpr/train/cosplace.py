@@ -20,6 +20,7 @@ The story of a run, top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -71,13 +72,85 @@ def run_model_config(config: ConfigDict) -> ConfigDict:
     overrides = {}
     if config.model.fc_output_dim:
         overrides["fc_output_dim"] = int(config.model.fc_output_dim)
-    if config.model.trainable_stages != -1:
+    if config.model.train_all_layers:
+        overrides["trainable_stages"] = None  # CosPlace's --train_all_layers
+    elif config.model.trainable_stages != -1:
         overrides["trainable_stages"] = config.model.trainable_stages
     if config.model.backbone or config.model.head:
         if not (config.model.backbone and config.model.head):
             raise ValueError("config.model.backbone and config.model.head go together (free composition).")
         return model_config({"backbone": config.model.backbone, "head": config.model.head}, **overrides)
     return model_config(config.model.name, **overrides)
+
+
+# Fields of a model config that do not change its parameters: a checkpoint of the same architecture
+# initialises a run whatever its name or freezing policy (e.g. the converted CosPlace hub model with
+# --config.model.train_all_layers=True).
+_NON_ARCHITECTURE_KEYS = ("name", "trainable_stages", "image_size")
+
+
+def load_init_checkpoint(path: str, model_cfg: ConfigDict, expected_variables) -> Any:
+    """The variables of ``model.init_checkpoint``, after checking architecture and every shape.
+
+    ``path`` is a jaxvpr checkpoint folder (a training run's workdir, its ``best/``, or a converted
+    model), or ``config:NAME``: the best model of ``configs/NAME.py`` trained by jaxvpr itself on
+    first use and cached (:func:`jaxvpr.train.baseline.ensure_trained`; the demo's baseline).
+    """
+    from jaxvpr.checkpoint import CheckpointError, check_tree_matches, load_model
+
+    if path.startswith("config:"):
+        from jaxvpr.train.baseline import ensure_trained
+
+        path = str(ensure_trained(path[len("config:"):]))
+    cfg, loaded = load_model(path)
+    ours, theirs = model_cfg.to_dict(), cfg.to_dict()
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in _NON_ARCHITECTURE_KEYS
+                    and ours.get(k) != theirs.get(k))
+    if differ:
+        raise CheckpointError(
+            f"model.init_checkpoint {path} holds another architecture than the run's model: "
+            + ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, run {ours.get(k)!r}" for k in differ)
+            + ". Set config.model.name (or model.backbone/head/fc_output_dim) to match the checkpoint.")
+    check_tree_matches(expected_variables, loaded, f"{path} (model.init_checkpoint)")
+    return loaded
+
+
+def check_no_random_frozen_stages(model_cfg: ConfigDict, params, config: ConfigDict) -> None:
+    """Frozen stages with random weights never learn: refuse them unless the config opts in.
+
+    CosPlace freezes the early ResNet stages because they hold ImageNet weights; frozen *random*
+    stages only pass random features to the trained ones (the demo of 21f01be did this).
+    """
+    if config.model.allow_random_frozen:
+        return
+    mask = frozen_mask(model_cfg, params)["backbone"]
+    frozen = [name for name, sub in mask.items() if all(jax.tree.leaves(sub))]
+    if frozen:
+        raise ValueError(
+            f"The run trains {model_cfg.name} from random weights but keeps stages {frozen} frozen "
+            f"(model trainable_stages={model_cfg.trainable_stages}): frozen random layers never learn. Start "
+            "from trained weights (config.model.init_checkpoint: a converted CosPlace/ImageNet checkpoint or a "
+            "jaxvpr run), train every stage (--config.model.train_all_layers=True), or set "
+            "--config.model.allow_random_frozen=True if that is really what you want.")
+
+
+def check_topology(config: ConfigDict, mesh) -> None:
+    """Global batch sizes must split evenly over the data-parallel devices and the processes."""
+    shards = parallel.num_batch_shards(mesh)
+    procs = jax.process_count()
+    sizes = {"train.batch_size": int(config.train.batch_size)}
+    if config.grl.enabled:
+        sizes["grl.target_batch_size"] = int(config.grl.target_batch_size)
+    for field, size in sizes.items():
+        for what, n in (("data-parallel devices (mesh data x fsdp)", shards), ("processes", procs)):
+            if size % n:
+                raise ValueError(
+                    f"config.{field}={size} is not divisible by the {n} {what} of this topology "
+                    f"({parallel.describe_topology(mesh)}): every device holds an equal share of the batch. "
+                    f"Use a multiple of {n} (e.g. --config.{field}={-(-size // n) * n}).")
+    if config.grl.enabled and not 0 < config.grl.source_to_discriminator <= config.train.batch_size:
+        raise ValueError(f"config.grl.source_to_discriminator={config.grl.source_to_discriminator} must be in "
+                         f"[1, train.batch_size={config.train.batch_size}].")
 
 
 def make_optimizers(config: ConfigDict, params, model_cfg: ConfigDict | None = None) -> tuple[optax.GradientTransformation, ...]:
@@ -92,17 +165,27 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_train_step(model, discriminator, txs, config: ConfigDict):
-    """The pure step ``(state, batch, grl_coeff) -> (state, metrics)``.
+def make_loss_fn(model, discriminator, config: ConfigDict):
+    """The pure loss ``(params, classifier, disc_params, batch_stats, batch, grl_coeff) -> (total, aux)``.
+
+    Thesis eq. 4.1: ``total = CosFace(source) + lambda * CE(D(GRL(f)), domain)`` where ``f`` are the
+    features (pooled backbone map, or descriptors) of ``source[:source_to_discriminator]`` and of the
+    target images. The GRL is the identity forward and multiplies the gradient by ``-grl_coeff``
+    backward, so ``d total / d trunk = dCosFace - lambda * coeff * dCE``, ``d total / d disc =
+    lambda * dCE``, and the CosFace classifier gets no CE gradient.
 
     ``batch``: ``image`` (B,H,W,3) normalised, ``label`` (B,) class position in the group, and with
-    GRL ``target_image`` (Bt,H,W,3). Source and target images go through the model in two passes in
-    training mode (BatchNorm statistics adapt to the target domain too, thesis §4.4.1).
+    GRL ``target_image`` (Bt,H,W,3). With ``grl.joint_batchnorm`` (default) source and target go
+    through the model in one train-mode forward of the concatenated images, so every BatchNorm
+    normalises both domains with the same statistics and the domain difference survives into the
+    features the discriminator sees (with two passes each domain is normalised by its own batch
+    statistics, which removes exactly the first and second moments that tell day from night; see
+    README "The discriminator and BatchNorm"). ``aux = (batch_stats, metrics)``.
     """
-    model_tx, cls_tx, disc_tx = txs
     grl_on = bool(config.grl.enabled)
     n_src = int(config.grl.source_to_discriminator)
     weight = float(config.grl.weight)
+    joint = bool(config.grl.get("joint_batchnorm", True))
     s, m = float(config.train.cosface_s), float(config.train.cosface_m)
     compute_dtype = jnp.bfloat16 if config.train.mixed_precision else jnp.float32
     use_features = config.grl.attach == "features"
@@ -114,21 +197,54 @@ def make_train_step(model, discriminator, txs, config: ConfigDict):
         return desc.astype(jnp.float32), feats.astype(jnp.float32), mutated.get("batch_stats", batch_stats)
 
     def loss_fn(params, classifier, disc_params, batch_stats, batch, grl_coeff):
-        desc, feats, batch_stats = forward(params, batch_stats, batch["image"])
+        n = batch["image"].shape[0]
+        if grl_on and joint:
+            all_desc, all_feats, batch_stats = forward(
+                params, batch_stats, jnp.concatenate([batch["image"], batch["target_image"]]))
+            desc, t_desc, feats, t_feats = all_desc[:n], all_desc[n:], all_feats[:n], all_feats[n:]
+        else:
+            desc, feats, batch_stats = forward(params, batch_stats, batch["image"])
+            if grl_on:
+                t_desc, t_feats, batch_stats = forward(params, batch_stats, batch["target_image"])
         cosface = losses.cosface_loss(desc, classifier, batch["label"], s, m)
         metrics = {"cosface_loss": cosface}
         total = cosface
         if grl_on:
-            t_desc, t_feats, batch_stats = forward(params, batch_stats, batch["target_image"])
             src, tgt = (feats, t_feats) if use_features else (desc, t_desc)
             x = grad_reverse(jnp.concatenate([src[:n_src], tgt]), grl_coeff)
-            logits = discriminator.apply({"params": disc_params}, x)
+            logits, hidden = discriminator.apply({"params": disc_params}, x, return_hidden=True)
             domains = jnp.concatenate([jnp.zeros(n_src, jnp.int32), jnp.ones(tgt.shape[0], jnp.int32)])
             domain_loss, accuracy = losses.domain_loss_and_accuracy(logits, domains)
             total = cosface + weight * domain_loss
-            metrics.update(domain_loss=domain_loss, disc_accuracy=accuracy)
+            metrics.update(domain_loss=domain_loss, disc_accuracy=accuracy,
+                           **discriminator_diagnostics(src[:n_src], tgt, hidden))
         metrics["loss"] = total
         return total, (batch_stats, metrics)
+
+    return loss_fn
+
+
+def discriminator_diagnostics(source: jax.Array, target: jax.Array, hidden: list) -> dict:
+    """What tells the domains apart, and whether the discriminator can use it (logged per step).
+
+    ``disc_active_units``: share of hidden units (over both hidden layers) active on at least one image
+    of the batch (dead ReLUs make it drop); ``domain_mean_gap``: distance between the two domains' mean
+    features divided by their within-domain standard deviation (near 0 when the domains' first
+    moments match, which separate train-mode BatchNorm passes bring about).
+    """
+    if source.ndim == 4:
+        source, target = source.mean(axis=(1, 2)), target.mean(axis=(1, 2))
+    active = jnp.concatenate([jnp.any(h > 0, axis=0) for h in hidden]).mean()
+    gap = jnp.linalg.norm(source.mean(0) - target.mean(0))
+    spread = 0.5 * (jnp.sqrt(source.var(0).sum()) + jnp.sqrt(target.var(0).sum())) + 1e-12
+    return {"disc_active_units": active, "domain_mean_gap": gap / spread}
+
+
+def make_train_step(model, discriminator, txs, config: ConfigDict):
+    """The pure step ``(state, batch, grl_coeff) -> (state, metrics)`` (loss: :func:`make_loss_fn`)."""
+    model_tx, cls_tx, disc_tx = txs
+    grl_on = bool(config.grl.enabled)
+    loss_fn = make_loss_fn(model, discriminator, config)
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
 
@@ -203,10 +319,15 @@ class Trainer:
         self.workdir = Path(workdir)
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.mesh_from_config(config.mesh)
+        self.model_cfg = run_model_config(config)
+        check_topology(config, self.mesh)  # configs that cannot run fail before any work
+        if not config.model.init_checkpoint:
+            from jaxvpr.models import variable_shapes
+
+            check_no_random_frozen_stages(self.model_cfg, variable_shapes(self.model_cfg)["params"], config)
         self.root = data_root(config)
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.workdir / "cache"
         self.data = load_train_data(config, self.root, cache_dir)
-        self.model_cfg = run_model_config(config)
         self.model = build_model(self.model_cfg)
         self.dim = descriptor_dim(self.model_cfg)
         self.discriminator = DomainDiscriminator(n_domains=2)
@@ -224,12 +345,7 @@ class Trainer:
         size = (self.config.data.image_size,) * 2
         variables = init_variables(self.model_cfg, jax.random.key(self.config.seed), image_size=size)
         if self.config.model.init_checkpoint:
-            from jaxvpr.checkpoint import load_model
-
-            cfg, loaded = load_model(self.config.model.init_checkpoint)
-            if cfg.to_dict() != self.model_cfg.to_dict():
-                raise ValueError(f"model.init_checkpoint holds {cfg.to_dict()}, but the run's model is "
-                                 f"{self.model_cfg.to_dict()}; set config.model.name to match.")
+            loaded = load_init_checkpoint(self.config.model.init_checkpoint, self.model_cfg, variables)
             variables = jax.tree.map(lambda _, x: np.asarray(x), variables, loaded)
         return variables
 
@@ -267,10 +383,19 @@ class Trainer:
             print(text, flush=True)
 
     # -- evaluation
-    def recall(self, state: TrainState, split: fmt.SplitDataset, queries: str) -> dict:
-        describe = self.describer.bind(self.variables(state))
+    def recall(self, state: TrainState | dict, split: fmt.SplitDataset, queries: str) -> dict:
+        """Recalls of ``split``/``queries`` with the state's model (or with ``{"params", "batch_stats"}``)."""
+        describe = self.describer.bind(state if isinstance(state, dict) else self.variables(state))
         return ev.evaluate_split(describe, split, queries, self.thresholds, self.eval_resize,
-                                 batch_size=self.config.eval.batch_size, num_workers=0, progress=False)
+                                 batch_size=self.config.eval.batch_size,
+                                 num_workers=self.config.data.num_workers, progress=False)
+
+    def recall_many(self, state: TrainState | dict, named_splits: list[tuple[str, fmt.SplitDataset]]) -> list[dict]:
+        """Recalls of several ``(".../<queries folder>", split)``; a database shared by several is described once."""
+        describe = self.describer.bind(state if isinstance(state, dict) else self.variables(state))
+        return ev.evaluate_query_sets(describe, [(split, name.split("/")[-1]) for name, split in named_splits],
+                                      self.thresholds, self.eval_resize, batch_size=self.config.eval.batch_size,
+                                      num_workers=self.config.data.num_workers)
 
     def monitor_splits(self) -> list[tuple[str, fmt.SplitDataset]]:
         out = []
@@ -321,24 +446,35 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     monitors = trainer.monitor_splits()
     table: list[tuple[str, dict]] = []
 
-    def monitor(label: str, state: TrainState) -> dict:
+    def monitor(label: str, state: TrainState | dict) -> dict:
         row = {}
-        for name, split in monitors:
-            for k, v in _recall_row(trainer.recall(state, split, name.split("/")[-1])).items():
+        for (name, _), res in zip(monitors, trainer.recall_many(state, monitors)):
+            for k, v in _recall_row(res).items():
                 row[f"{name}/{k}"] = v
         if row:
             table.append((label, row))
             if trainer.is_main:
-                print_monitor_table(table)
+                print_monitor_table(table, chance)
         return row
 
+    chance = {}  # the chance level of each monitored recall (a random ranking of the database)
+    for name, split in monitors:
+        for k, v in ev.chance_recalls(split.database, split.queries, trainer.thresholds[0], (1, 5)).items():
+            chance[f"{name}/R@{k}"] = v
     if restored is None and (t.eval_before_training and monitors):
-        monitor("before training", state)
+        if t.eval_random_init:  # the untrained network, for scale (a random ResNet + GeM is no chance-level descriptor)
+            monitor("random init", init_variables(trainer.model_cfg, jax.random.key(config.seed),
+                                                  image_size=(config.data.image_size,) * 2))
+        monitor("start" if config.model.init_checkpoint else "before training", state)
 
     augment_cfg = ConfigDict(dict(brightness=t.brightness, contrast=t.contrast, saturation=t.saturation,
                                   hue=t.hue, random_resized_crop=t.random_resized_crop,
                                   image_size=config.data.image_size))
-    augment = lambda img, rng: cosplace_augment(img, rng, augment_cfg)
+    augment = functools.partial(cosplace_augment, cfg=augment_cfg)
+    g = config.grl
+    target_augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
+        brightness=g.target_brightness, contrast=g.target_contrast, saturation=g.target_saturation,
+        hue=g.target_hue, random_resized_crop=g.target_random_resized_crop, image_size=config.data.image_size)))
     src_paths = trainer.data.folder.abs_paths()
     pid, pcount = jax.process_index(), jax.process_count()
 
@@ -350,17 +486,26 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         coeff = grl_coefficient(epoch, t.epochs, config.grl.gamma) if config.grl.enabled else 0.0
         start = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         source = pipeline.train_batches(
-            src_paths, pipeline.ClassBalancedSampler(trainer.data.groups[group]), t.batch_size, augment,
+            src_paths, pipeline.ClassBalancedSampler(trainer.data.groups[group], t.batch_size), t.batch_size, augment,
             seed=epoch_seed(config.seed, epoch, 0), start_step=start, process_index=pid, process_count=pcount,
             num_workers=config.data.num_workers)
         target = None
         if config.grl.enabled:
             target = pipeline.train_batches(
                 trainer.data.target_paths, pipeline.UniformSampler(len(trainer.data.target_paths)),
-                config.grl.target_batch_size, augment, seed=epoch_seed(config.seed, epoch, 1), start_step=start,
+                config.grl.target_batch_size, target_augment, seed=epoch_seed(config.seed, epoch, 1), start_step=start,
                 process_index=pid, process_count=pcount, num_workers=config.data.num_workers)
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {}       # this epoch's metric sums (epoch means)
+        interval: dict[str, float] = {}   # sums since the last "train" record (interval means)
         count, pending, t0, seen = 0, None, time.time(), 0
+
+        def take(metrics, it):  # fetch one step's metrics (checks the loss) into both sums
+            nonlocal count
+            for k, v in _accumulate(sums, metrics, epoch, it).items():
+                interval[k] = interval.get(k, 0.0) + v
+            interval["_n"] = interval.get("_n", 0) + 1
+            count += 1
+
         for it in range(start, t.iterations_per_epoch):
             local = next(source)
             batch = {"image": local["image"], "label": local["label"]}
@@ -372,24 +517,27 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
                 coeff = float(grl_schedule((epoch * t.iterations_per_epoch + it) / total, config.grl.gamma))
             state, metrics = step_fn(state, batch, jnp.float32(coeff))
             if pending is not None:  # check the previous step while this one runs
-                _accumulate(sums, pending, epoch, it - 1)
-                count += 1
+                take(pending, it - 1)
             pending = metrics
             seen += t.batch_size + (config.grl.target_batch_size if target is not None else 0)
             step = int(epoch * t.iterations_per_epoch + it + 1)
-            if step % t.log_every == 0:
+            if step % t.log_every == 0:  # the mean of every step since the last record
+                take(pending, it)
+                pending = None
+                n = interval.pop("_n")
                 trainer.logger.write("train", step, epoch=epoch, images_per_s=seen / (time.time() - t0),
                                      lr=t.lr, classifiers_lr=t.classifiers_lr, grl_lr=config.grl.lr,
-                                     **{k: float(v) for k, v in jax.device_get(metrics).items()})
+                                     steps_averaged=n, **{k: v / n for k, v in interval.items()})
+                interval.clear()
             if step % t.checkpoint_every == 0 and it + 1 < t.iterations_per_epoch:
-                _accumulate(sums, pending, epoch, it)
-                count, pending = count + 1, None
+                if pending is not None:
+                    take(pending, it)
+                    pending = None
                 classifiers[group] = _to_host_classifier(state)
                 trainer.checkpointer.save(state, classifiers, dict(progress, epoch=epoch, step_in_epoch=it + 1),
                                           trainer.model_cfg, config)
         if pending is not None:
-            _accumulate(sums, pending, epoch, t.iterations_per_epoch - 1)
-            count += 1
+            take(pending, t.iterations_per_epoch - 1)
         seconds = time.time() - t0
         classifiers[group] = _to_host_classifier(state)
         val = trainer.recall(state, trainer.val_split, config.data.val_queries)
@@ -417,13 +565,14 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     describe = trainer.describer.bind(best_variables)
     results = {"best_epoch": progress["best_epoch"], "best_val_recall@1": progress["best_recall"], "test": {}}
     results["val"] = ev.evaluate_split(describe, trainer.val_split, config.data.val_queries, trainer.thresholds,
-                                       trainer.eval_resize, batch_size=config.eval.batch_size, progress=False)
+                                       trainer.eval_resize, batch_size=config.eval.batch_size,
+                                       num_workers=config.data.num_workers, progress=False)
     test_dir = fmt.resolve_folder(trainer.root, config.data.test_split, "Test")
     queries_list = [q for q in str(config.data.test_queries).split(",") if q]
-    for queries in queries_list:
-        split = fmt.read_split(test_dir, queries)
-        res = ev.evaluate_split(describe, split, queries, trainer.thresholds, trainer.eval_resize,
-                                batch_size=config.eval.batch_size, progress=False)
+    splits = [(fmt.read_split(test_dir, queries), queries) for queries in queries_list]
+    tests = ev.evaluate_query_sets(describe, splits, trainer.thresholds, trainer.eval_resize,
+                                   batch_size=config.eval.batch_size, num_workers=config.data.num_workers)
+    for (split, queries), res in zip(splits, tests):
         results["test"][queries] = res
         trainer.say(ev.format_table(res["results"], f"test {split.name}/{queries} (best epoch {progress['best_epoch'] + 1})"))
     if trainer.is_main:
@@ -439,7 +588,7 @@ def _to_host_classifier(state: TrainState) -> dict:
     return {"weight": parallel.to_host(state.classifier), "opt": parallel.to_host(state.classifier_opt)}
 
 
-def _accumulate(sums: dict, metrics, epoch: int, it: int) -> None:
+def _accumulate(sums: dict, metrics, epoch: int, it: int) -> dict:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(values["loss"]):
         raise NonFiniteLossError(
@@ -448,12 +597,13 @@ def _accumulate(sums: dict, metrics, epoch: int, it: int) -> None:
             "Lower the learning rates (train.lr, train.classifiers_lr, grl.lr) or grl.weight, and resume.")
     for k, v in values.items():
         sums[k] = sums.get(k, 0.0) + v
+    return values
 
 
-def print_monitor_table(table: list[tuple[str, dict]]) -> None:
+def print_monitor_table(table: list[tuple[str, dict]], chance: dict | None = None) -> None:
     keys = list(table[0][1])
     header = f"{'':>16} | " + " | ".join(f"{k:>18}" for k in keys)
     print("\n" + header + "\n" + "-" * len(header))
-    for label, row in table:
+    for label, row in table + ([("chance level", chance)] if chance else []):
         print(f"{label:>16} | " + " | ".join(f"{row.get(k, float('nan')):18.1f}" for k in keys))
     print(flush=True)

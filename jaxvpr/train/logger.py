@@ -54,28 +54,38 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 def plot_run(workdir: str | Path) -> Path | None:
-    """PNG of losses, discriminator accuracy, GRL coefficient and recalls per epoch."""
+    """``training.png``: losses and the discriminator's accuracy with the GRL coefficient per logged step
+    (the picture of thesis Figs. 4.5/4.6; chance level dashed), recalls per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(workdir) if r["kind"] == "epoch"]
-    if not records:
+    records = read_metrics(workdir)
+    steps = [r for r in records if r["kind"] == "train"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    if not epochs and not steps:
         return None
-    epochs = [r["epoch"] for r in records]
-    panels = [
-        ("loss", [k for k in ("cosface_loss", "domain_loss") if k in records[0]]),
-        ("discriminator accuracy / GRL coefficient", [k for k in ("disc_accuracy", "grl_coeff") if k in records[0]]),
-        ("recall (%)", sorted(k for k in records[0] if k.startswith("R@") or "/R@" in k)),
-    ]
-    panels = [p for p in panels if p[1]]
+    panels = []  # (title, x label, records, keys)
+    if steps:
+        panels.append(("loss", "step", steps, [k for k in ("cosface_loss", "domain_loss") if k in steps[0]]))
+        panels.append(("discriminator accuracy / GRL coefficient", "step", steps,
+                       [k for k in ("disc_accuracy", "grl_coeff") if k in steps[0]]))
+    elif epochs:
+        panels.append(("loss", "epoch", epochs, [k for k in ("cosface_loss", "domain_loss") if k in epochs[0]]))
+    if epochs:
+        panels.append(("recall (%)", "epoch", epochs, sorted(k for k in epochs[0] if k.startswith("R@") or "/R@" in k)))
+    panels = [p for p in panels if p[3]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    for ax, (title, xlabel, rows, keys) in zip(axes[0], panels):
+        x = [r["step"] if xlabel == "step" else r["epoch"] + 1 for r in rows]
         for k in keys:
-            ax.plot(epochs, [r.get(k, float("nan")) for r in records], marker="o", label=k)
+            ax.plot(x, [r.get(k, float("nan")) for r in rows], marker="o" if xlabel == "epoch" else ".", label=k)
+        if "disc_accuracy" in keys:
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance (2 domains)")
+            ax.set_ylim(-0.02, 1.05)
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
