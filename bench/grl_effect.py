@@ -6,7 +6,7 @@ For each seed: the CosPlace baseline of configs/demo_baseline.py (trained once p
 the demo's), then three fine-tunings from it with that seed: configs/demo_nogrl.py (the control),
 configs/demo.py with lambda = 0 (target images only share the BatchNorm batch: the statistics adapt,
 no adversarial gradient; separates that effect from the GRL's) and configs/demo.py (GRL). Each
-model is evaluated on the validation queries (street-view style, held-out area), the day test
+model is evaluated on the validation queries (pedestrian views of a held-out area, day and night), the day test
 queries (pedestrian viewpoints) and the night test queries (the same viewpoints at night), 25 m,
 with the model of the best validation epoch (as the trainer selects it: never on test queries).
 Also reported, per model: a linear probe's day-vs-night accuracy on held-out descriptors (the test
@@ -36,7 +36,8 @@ from jaxvpr.models import build_model, init_variables  # noqa: E402
 from jaxvpr.train.baseline import ensure_trained, load_config_file  # noqa: E402
 from jaxvpr.train.cosplace import run_model_config, train  # noqa: E402
 
-SETS = (("val", "images/val", "queries"), ("day", "images/test", "queries"), ("night", "images/test", "queries_night"))
+SETS = (("val", "images/val", "queries"), ("val night", "images/val", "queries_night"),
+        ("day", "images/test", "queries"), ("night", "images/test", "queries_night"))
 
 
 def linear_probe_accuracy(day: np.ndarray, night: np.ndarray, steps: int = 500, l2: float = 1e-3) -> float:
@@ -61,19 +62,35 @@ def linear_probe_accuracy(day: np.ndarray, night: np.ndarray, steps: int = 500, 
     return float(100.0 * np.mean(pred == y[score]))
 
 
+def mmd_rbf(a: np.ndarray, b: np.ndarray) -> float:
+    """Squared maximum mean discrepancy between two descriptor sets, Gaussian kernel with the median
+    heuristic bandwidth (unbiased estimate; 0 when the two distributions are the same)."""
+    x = np.concatenate([a, b]).astype(np.float64)
+    sq = (x * x).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+    k = np.exp(-d2 / np.median(d2[np.triu_indices(len(x), 1)]))
+    n, m = len(a), len(b)
+    kaa, kbb, kab = k[:n, :n], k[n:, n:], k[:n, n:]
+    return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+                 - 2 * kab.mean())
+
+
 def describe_all(model, variables, root: Path, batch_size: int = 64) -> dict:
     """Recall@1/5 of every set and the probe accuracy for one model's variables."""
     describer = ev.Describer(model).bind(variables)
-    out, descs = {}, {}
+    out, descs, databases = {}, {}, {}
     for name, split_dir, queries in SETS:
         split = fmt.read_split(root / split_dir, queries)
-        db = ev.extract_descriptors(describer, split.database.abs_paths(), batch_size, progress=False)
+        if split_dir not in databases:  # day and night test queries share the test database
+            databases[split_dir] = ev.extract_descriptors(describer, split.database.abs_paths(), batch_size,
+                                                          progress=False)
         q = ev.extract_descriptors(describer, split.queries.abs_paths(), batch_size, progress=False, mixed_sizes=True)
-        res, _ = ev.evaluate_descriptors(split, db, q, [ev.Threshold(25.0)], queries)
+        res, _ = ev.evaluate_descriptors(split, databases[split_dir], q, [ev.Threshold(25.0)], queries)
         r = res["results"][0]["recall"]
         out[f"{name}/R@1"], out[f"{name}/R@5"] = r["1"], r["5"]
         descs[name] = q.values
     out["probe_day_vs_night"] = linear_probe_accuracy(descs["day"], descs["night"])
+    out["mmd_day_night"] = mmd_rbf(descs["day"], descs["night"])
     return out
 
 
@@ -84,6 +101,7 @@ def chance_levels(root: Path) -> dict:
         c = ev.chance_recalls(split.database, split.queries, ev.Threshold(25.0), (1, 5))
         out[f"{name}/R@1"], out[f"{name}/R@5"] = c["1"], c["5"]
     out["probe_day_vs_night"] = 50.0
+    out["mmd_day_night"] = 0.0
     return out
 
 
@@ -117,6 +135,11 @@ def run_seed(seed: int, out: Path) -> dict:
     return {"rows": rows, "chance": chance_levels(root)}
 
 
+def _mean_std(key: str, values: list) -> str:
+    digits = 3 if key == "mmd_day_night" else 1
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
@@ -133,15 +156,17 @@ def main(argv=None) -> int:
         per_seed[seed] = json.loads(path.read_text())
         print(f"seed {seed} done", flush=True)
     labels = list(per_seed[seeds[0]]["rows"])
-    keys = [f"{s}/R@{n}" for s, _, _ in SETS for n in (1, 5)] + ["probe_day_vs_night"]
+    keys = [f"{s}/R@{n}" for s, _, _ in SETS for n in (1, 5)] + ["probe_day_vs_night", "mmd_day_night"]
     table = {label: {k: [per_seed[s]["rows"][label][k] for s in seeds] for k in keys} for label in labels}
     chance = per_seed[seeds[0]]["chance"]
     header = "| model | " + " | ".join(keys) + " |"
-    lines = [f"Seeds {seeds}; mean ± std; recalls in % at 25 m; probe = held-out day-vs-night accuracy (%)",
+    lines = [f"Seeds {seeds}; mean ± std; recalls in % at 25 m; probe = held-out day-vs-night accuracy (%); "
+             "MMD = squared MMD between day and night test-query descriptors (RBF kernel, median bandwidth)",
              header, "|" + " --- |" * (len(keys) + 1)]
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(f"{np.mean(v):.1f} ± {np.std(v):.1f}" for v in table[label].values()) + " |")
-    lines.append("| chance level | " + " | ".join(f"{chance[k]:.1f}" for k in keys) + " |")
+        lines.append(f"| {label} | " + " | ".join(_mean_std(k, v) for k, v in table[label].items()) + " |")
+    lines.append("| chance level | " + " | ".join(f"{chance[k]:.1f}" if k != "mmd_day_night" else "0"
+                                                  for k in keys) + " |")
     text = "\n".join(lines)
     print(text)
     (out / "grl_effect.json").write_text(json.dumps({"seeds": seeds, "table": table, "chance": chance}, indent=2) + "\n")

@@ -13,53 +13,44 @@ images/target/night: loss = CosFace + lambda * CE(domain) (eq. 4.1), GRL coeffic
 epoch and the chance level, and writes training.png. `configs/demo_nogrl.py` is the control: the
 same fine-tuning without GRL.
 
-Settings: lambda 10 and gamma 10 are the thesis' best on Tokyo 24/7. mu (discriminator Adam lr) is
-1e-3, also in the thesis' grid, instead of its best 1e-2: with the Adam steps of 1e-2 on post-ReLU
-(non-negative) pooled features, most units of the 512-50-20-2 discriminator die within a few dozen
-steps and it stays a constant classifier (measured on training images: README, "The discriminator").
+Settings. gamma 10 is the thesis' best on Tokyo 24/7. lambda was chosen among the thesis' grid
+{0.1, 1, 10} on the *validation* night queries (val/queries_night; the test queries never chose
+anything; seed 0, best epoch): 0.1 -> 21.0, 1 -> 25.0, 10 -> 21.0 R@1 (no GRL: 16.7). With 10 the
+trunk overpowers the discriminator (its accuracy falls to ~25%: the features flip domains instead of
+aligning) and recall drops. mu (discriminator Adam lr) is 1e-3, also in the thesis' grid, instead of
+its best 1e-2: with Adam steps of 1e-2 on post-ReLU (non-negative) pooled features, most units of the
+512-50-20-2 discriminator die within a few dozen steps and it stays a constant classifier (README,
+"The discriminator and BatchNorm"). Both demo configs select the best epoch on val/queries_night.
 Other differences from the thesis, for the 2-core budget: Adam 1e-4 (thesis 1e-5 over 20 epochs of
-10,000 steps), 4 epochs of 25 steps, 80 px crops, groups N=2 L=2, hue 0.1 / saturation 0.3 (see
+10,000 steps), 3 epochs of 25 steps, 80 px crops, groups N=2 L=2, hue 0.1 / saturation 0.3 (see
 configs/demo_baseline.py for why).
 """
 
-from jaxvpr.train.config import cosplace_config
+from jaxvpr.train.baseline import load_config_file
 
 
 def get_config():
-    c = cosplace_config()
-    c.data.synthetic_preset = "small"
-    c.data.image_size = 80
-    c.data.num_workers = 0
+    # The baseline's data, model and augmentation settings; what fine-tuning changes is below.
+    c = load_config_file("demo_baseline")
     c.data.target_folder = "images/target/night"
     c.data.val_queries = "queries_night"   # model selection on target-domain validation queries (cf. Tokyo-XS)
-    c.data.test_queries = "queries,queries_night"
     c.data.monitor = ("images/test:queries", "images/test:queries_night")
 
-    c.model.name = "cosplace_resnet18_512"
     c.model.init_checkpoint = "config:demo_baseline"  # trained on first use, cached
+    c.model.train_all_layers = False                   # CosPlace's default: layer3 + layer4 train
 
     c.train.epochs = 3
     c.train.iterations_per_epoch = 25
-    c.train.batch_size = 32
     c.train.lr = 1e-4
-    c.train.N = 2
-    c.train.L = 2
-    c.train.groups_num = 8
-    c.train.min_images_per_class = 4
-    c.train.hue = 0.1
-    c.train.saturation = 0.3
-    c.train.checkpoint_every = 1000
     c.train.log_every = 5
     c.train.eval_before_training = True
     c.train.eval_random_init = True
 
     c.grl.enabled = True
     c.grl.lr = 1e-3          # mu
-    c.grl.weight = 10.0      # lambda
+    c.grl.weight = 1.0       # lambda, chosen on val/queries_night (see above)
     c.grl.gamma = 10.0
     c.grl.target_batch_size = 8
     c.grl.source_to_discriminator = 8
     c.grl.attach = "features"
-
-    c.eval.batch_size = 64
     return c

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+_START = time.time()  # the reported wall time covers the whole process: city, baselines, imports
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder (logs, checkpoints, results). Default: workdir/<config name>.")
 
@@ -80,13 +82,17 @@ def main(argv):
     logging.info("recipe %s, workdir %s", config.recipe, workdir)
     from jaxvpr.checkpoint import CheckpointError
     from jaxvpr.data.format import DatasetError
+    from jaxvpr.train.config import ConfigError
     from jaxvpr.train.cosplace import NonFiniteLossError
 
     try:
         RECIPES[config.recipe](config, workdir)
-    except (DatasetError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    if parallel.is_main_process():
+        minutes, seconds = divmod(int(round(time.time() - _START)), 60)
+        print(f"{config.recipe} run finished in {minutes} min {seconds:02d} s (workdir {workdir}).", flush=True)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,51 @@ def test_discriminator_separates_day_from_night_at_coefficient_zero(tiny_city):
     assert last >= 0.9, f"discriminator accuracy over steps 31-40 is {last:.2f} (per step: {accuracy})"
     assert np.mean(accuracy[:5]) < last
     assert active[-1] > 0.2, f"most discriminator units died: {active}"
+
+
+@pytest.mark.slow
+def test_cosplace_training_learns_its_places(tiny_city, tmp_path):
+    """The recipe learns: after 40 steps of CosPlace (no GRL) on the tiny city, the descriptor retrieves
+    the other image of a training class (held-in images, no augmentation) far more often than at init."""
+    from jaxvpr.checkpoint import load_model
+    from jaxvpr.data import format as fmt
+    from jaxvpr.data.images import load_image, normalize, resize
+    from jaxvpr.train.cosplace import train
+
+    config = cosplace_config()
+    config.data.root = str(tiny_city)
+    config.data.image_size = 48
+    config.data.num_workers = 0
+    config.data.eval_resize = "64"
+    config.data.test_queries = ""
+    config.model.backbone, config.model.head, config.model.fc_output_dim = "resnet18conv4", "gem", 64
+    config.model.train_all_layers = True
+    config.train.epochs, config.train.iterations_per_epoch, config.train.batch_size = 1, 40, 16
+    config.train.lr = 1e-3
+    config.train.N, config.train.L, config.train.groups_num, config.train.min_images_per_class = 2, 2, 1, 2
+    config.train.hue, config.train.saturation = 0.1, 0.3
+    config.train.log_every = 10
+    train(config, tmp_path / "run")
+
+    model_cfg, trained = load_model(tmp_path / "run")
+    model = build_model(model_cfg)
+    init = init_variables(model_cfg, jax.random.key(config.seed), image_size=(48, 48))
+    folder = fmt.read_image_folder(tiny_city / "images/train/database")
+    from jaxvpr.data.cosplace import cached_group_classes
+
+    groups, images_per_class = cached_group_classes(tmp_path / "run/cache", "check", folder.utm, folder.heading,
+                                                    M=10, alpha=30, N=2, L=2, min_images_per_class=2)
+    classes = [images_per_class[c] for c in groups[0]][:24]
+    paths = folder.abs_paths()
+    x = np.stack([normalize(resize(load_image(paths[i]), 64)) for c in classes for i in c[:2]])
+    label = np.repeat(np.arange(len(classes)), 2)
+
+    def top1(variables):
+        """Top-1 accuracy of retrieving the other image of the same class among the 48 images."""
+        d = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
+        sim = d @ d.T
+        np.fill_diagonal(sim, -np.inf)
+        return float(np.mean(label[np.argmax(sim, axis=1)] == label))
+
+    before, after = top1(init), top1(trained)  # measured here: 0.54 -> 0.77
+    assert after >= before + 0.12, (before, after)

@@ -75,11 +75,12 @@ def _params(workdir):
 def _assert_same(a, b, steps=4, lr=1e-4):
     """Equal to fp tolerance. Adam moves a weight by about lr per step whatever its gradient's size,
     so a weight whose gradient is ~0 may differ by up to ~lr per step between two summation orders:
-    such weights must be rare, and none may differ by more than 2 * steps * lr."""
+    such weights must be rare (every stage trains, so BatchNorm running statistics downstream of them
+    move too: at most 1% of an array), and none may differ by more than 2 * steps * lr."""
     assert a.keys() == b.keys()
     for k in a:
         close = np.isclose(a[k], b[k], rtol=2e-4, atol=2e-5)
-        assert close.mean() > 1 - 1e-4, (k, close.size - close.sum())
+        assert close.mean() >= 0.99, (k, close.size - close.sum())
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2 * steps * lr, err_msg=k)
 
 

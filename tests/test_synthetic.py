@@ -288,7 +288,7 @@ def test_file_lock_serialises_processes_on_the_same_cache(tmp_path):
     events = []
 
     def worker(name):
-        with synthetic._file_lock(tmp_path / "city.lock"):
+        with synthetic.file_lock(tmp_path / "city.lock"):
             events.append(("enter", name))
             time.sleep(0.2)
             events.append(("leave", name))

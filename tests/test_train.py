@@ -200,7 +200,14 @@ def _main(args, **env):
     ("grl_tokyo", "sf_xl/processed/train"),
 ])
 def test_thesis_configs_load_and_fail_clearly_without_data(tmp_path, name, folder):
+    # Without model.init_checkpoint (the ImageNet or hub weights) they refuse to train frozen random stages,
+    # before touching any data.
     r = _main(["--config", f"configs/{name}.py", "--workdir", str(tmp_path / "w")], JAXVPR_DATA=str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "init_checkpoint" in r.stderr and "frozen" in r.stderr, r.stderr[-2000:]
+    # With every stage trainable, the missing dataset is the error, with the folder named.
+    r = _main(["--config", f"configs/{name}.py", "--workdir", str(tmp_path / "w"),
+               "--config.model.train_all_layers=True"], JAXVPR_DATA=str(tmp_path))
     assert r.returncode != 0
     assert folder in r.stderr and "does not exist" in r.stderr, r.stderr[-2000:]
 
@@ -226,7 +233,7 @@ def test_frozen_random_stages_are_an_error_naming_them_and_the_fix(tmp_path, tin
 
     config = _load_config(_config_file(tmp_path, tiny_root))
     config.model.train_all_layers = False  # resnet18conv4 default: only layer3 trains, the rest random
-    with pytest.raises(ValueError, match=r"frozen.*init_checkpoint.*train_all_layers") as info:
+    with pytest.raises(ValueError, match=r"frozen(.|\n)*init_checkpoint(.|\n)*train_all_layers") as info:
         train(config, tmp_path / "w")
     assert "layer1" in str(info.value) and "layer2" in str(info.value)
 

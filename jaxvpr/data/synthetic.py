@@ -694,7 +694,7 @@ def city_dirname(preset: str, seed: int, resolution: int) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: pathlib.Path):
+def file_lock(path: pathlib.Path):
     """Exclusive inter-process lock (fcntl); a no-op where fcntl is missing (rename stays atomic)."""
     try:
         import fcntl
@@ -725,7 +725,7 @@ def ensure_city(preset: str = "small", seed: int = 0, cache_dir=None, resolution
     if (final / "city.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / (final.name + ".lock")):
+    with file_lock(root / (final.name + ".lock")):
         if (final / "city.json").is_file():
             return final
         if final.exists():  # a folder without city.json is not ours to trust: regenerate it

@@ -85,15 +85,7 @@ def _lock(path: Path):
     if jax.process_count() > 1:
         yield
         return
-    import fcntl
+    from jaxvpr.data.synthetic import file_lock
 
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def describe_env() -> str:
-    return os.environ.get("JAXVPR_CACHE", "~/.cache/jaxvpr")
+    with file_lock(path):
+        yield

@@ -9,6 +9,10 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 
+class ConfigError(ValueError):
+    """A config that cannot run (as written, or on this topology); the message names the field and the fix."""
+
+
 def cosplace_config() -> ConfigDict:
     c = ConfigDict()
     c.recipe = "cosplace"

@@ -46,6 +46,7 @@ from jaxvpr.models import build_model, descriptor_dim, feature_dim, frozen_mask,
 from jaxvpr.models.discriminator import DomainDiscriminator
 from jaxvpr.models.grl import grad_reverse, grl_coefficient, grl_schedule
 from jaxvpr.train import losses
+from jaxvpr.train.config import ConfigError
 from jaxvpr.train.logger import MetricsLogger, plot_run
 
 
@@ -126,7 +127,7 @@ def check_no_random_frozen_stages(model_cfg: ConfigDict, params, config: ConfigD
     mask = frozen_mask(model_cfg, params)["backbone"]
     frozen = [name for name, sub in mask.items() if all(jax.tree.leaves(sub))]
     if frozen:
-        raise ValueError(
+        raise ConfigError(
             f"The run trains {model_cfg.name} from random weights but keeps stages {frozen} frozen "
             f"(model trainable_stages={model_cfg.trainable_stages}): frozen random layers never learn. Start "
             "from trained weights (config.model.init_checkpoint: a converted CosPlace/ImageNet checkpoint or a "
@@ -144,12 +145,12 @@ def check_topology(config: ConfigDict, mesh) -> None:
     for field, size in sizes.items():
         for what, n in (("data-parallel devices (mesh data x fsdp)", shards), ("processes", procs)):
             if size % n:
-                raise ValueError(
+                raise ConfigError(
                     f"config.{field}={size} is not divisible by the {n} {what} of this topology "
                     f"({parallel.describe_topology(mesh)}): every device holds an equal share of the batch. "
                     f"Use a multiple of {n} (e.g. --config.{field}={-(-size // n) * n}).")
     if config.grl.enabled and not 0 < config.grl.source_to_discriminator <= config.train.batch_size:
-        raise ValueError(f"config.grl.source_to_discriminator={config.grl.source_to_discriminator} must be in "
+        raise ConfigError(f"config.grl.source_to_discriminator={config.grl.source_to_discriminator} must be in "
                          f"[1, train.batch_size={config.train.batch_size}].")
 
 
