@@ -34,6 +34,7 @@ def get_config():
     c = load_config_file("demo_baseline")
     c.data.target_folder = "images/target/night"
     c.data.val_queries = "queries_night"   # model selection on target-domain validation queries (cf. Tokyo-XS)
+    c.data.test_queries = "queries,queries_night"
     c.data.monitor = ("images/test:queries", "images/test:queries_night")
 
     c.model.init_checkpoint = "config:demo_baseline"  # trained on first use, cached

@@ -29,7 +29,7 @@ def get_config():
     c.data.synthetic_preset = "small"
     c.data.image_size = 80
     c.data.num_workers = 0
-    c.data.test_queries = "queries,queries_night"
+    c.data.test_queries = ""  # the demo evaluates the baseline on the test queries (its "start" row)
 
     c.model.name = "cosplace_resnet18_512"
     c.model.train_all_layers = True

@@ -447,11 +447,17 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     monitors = trainer.monitor_splits()
     table: list[tuple[str, dict]] = []
 
-    def monitor(label: str, state: TrainState | dict) -> dict:
+    # Results of this process's epochs, by epoch: the final val/test of the best epoch reuses them
+    # instead of describing the same images again with the same weights.
+    evaluated: dict[int, dict] = {}
+
+    def monitor(label: str, state: TrainState | dict, epoch: int | None = None) -> dict:
         row = {}
-        for (name, _), res in zip(monitors, trainer.recall_many(state, monitors)):
+        for (name, split), res in zip(monitors, trainer.recall_many(state, monitors)):
             for k, v in _recall_row(res).items():
                 row[f"{name}/{k}"] = v
+            if epoch is not None:
+                evaluated.setdefault(epoch, {})[(str(split.database.root), name.split("/")[-1])] = res
         if row:
             table.append((label, row))
             if trainer.is_main:
@@ -546,7 +552,8 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         epoch_metrics = {k: v / max(count, 1) for k, v in sums.items()}
         epoch_metrics.update({"val/R@1": val_r["1"], "val/R@5": val_r["5"], "grl_coeff": coeff,
                               "images_per_s": seen / max(seconds, 1e-9), "group": group})
-        epoch_metrics.update(monitor(f"epoch {epoch + 1}", state))
+        evaluated.setdefault(epoch, {})["val"] = val
+        epoch_metrics.update(monitor(f"epoch {epoch + 1}", state, epoch))
         is_best = val_r["1"] > progress["best_recall"]
         if is_best:
             progress.update(best_recall=val_r["1"], best_epoch=epoch)
@@ -565,14 +572,17 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         best_variables = trainer.variables(state)
     describe = trainer.describer.bind(best_variables)
     results = {"best_epoch": progress["best_epoch"], "best_val_recall@1": progress["best_recall"], "test": {}}
-    results["val"] = ev.evaluate_split(describe, trainer.val_split, config.data.val_queries, trainer.thresholds,
-                                       trainer.eval_resize, batch_size=config.eval.batch_size,
-                                       num_workers=config.data.num_workers, progress=False)
+    best = evaluated.get(progress["best_epoch"], {})
+    results["val"] = best.get("val") or ev.evaluate_split(
+        describe, trainer.val_split, config.data.val_queries, trainer.thresholds, trainer.eval_resize,
+        batch_size=config.eval.batch_size, num_workers=config.data.num_workers, progress=False)
     test_dir = fmt.resolve_folder(trainer.root, config.data.test_split, "Test")
     queries_list = [q for q in str(config.data.test_queries).split(",") if q]
     splits = [(fmt.read_split(test_dir, queries), queries) for queries in queries_list]
-    tests = ev.evaluate_query_sets(describe, splits, trainer.thresholds, trainer.eval_resize,
-                                   batch_size=config.eval.batch_size, num_workers=config.data.num_workers)
+    todo = [(split, q) for split, q in splits if (str(split.database.root), q) not in best]
+    described = iter(ev.evaluate_query_sets(describe, todo, trainer.thresholds, trainer.eval_resize,
+                                            batch_size=config.eval.batch_size, num_workers=config.data.num_workers))
+    tests = [best.get((str(split.database.root), q)) or next(described) for split, q in splits]
     for (split, queries), res in zip(splits, tests):
         results["test"][queries] = res
         trainer.say(ev.format_table(res["results"], f"test {split.name}/{queries} (best epoch {progress['best_epoch'] + 1})"))
