@@ -59,12 +59,15 @@ def main(argv=None) -> int:
         (_, f), _ = model.apply(variables, x, train=True, return_features=True, mutable=["batch_stats"])
         return f if f.ndim == 2 else f.mean(axis=(1, 2))
 
+    def gap(f):  # ||mean_day - mean_night|| over the mean within-domain standard deviation
+        spread = 0.5 * (np.sqrt(f[:8].var(0).sum()) + np.sqrt(f[8:].var(0).sum()))
+        return np.linalg.norm(f[:8].mean(0) - f[8:].mean(0)) / spread
+
     feats = {"joint": [], "separate": []}
     for _ in range(args.steps):
         x = np.concatenate([next(source)["image"], next(target)["image"]])
         feats["joint"].append(np.asarray(pooled(x)))
         feats["separate"].append(np.concatenate([np.asarray(pooled(x[:8])), np.asarray(pooled(x[8:]))]))
-        gap = lambda f: np.linalg.norm(f[:8].mean(0) - f[8:].mean(0)) / (0.5 * (np.sqrt(f[:8].var(0).sum()) + np.sqrt(f[8:].var(0).sum())))
     print(f"mean domain gap (||mean_day - mean_night|| / within-domain std): joint "
           f"{np.mean([gap(f) for f in feats['joint']]):.2f}, separate {np.mean([gap(f) for f in feats['separate']]):.2f}")
     disc = DomainDiscriminator(n_domains=2)

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import jax

@@ -186,7 +186,7 @@ def make_loss_fn(model, discriminator, config: ConfigDict):
     grl_on = bool(config.grl.enabled)
     n_src = int(config.grl.source_to_discriminator)
     weight = float(config.grl.weight)
-    joint = bool(config.grl.get("joint_batchnorm", True))
+    joint = bool(config.grl.joint_batchnorm)
     s, m = float(config.train.cosface_s), float(config.train.cosface_m)
     compute_dtype = jnp.bfloat16 if config.train.mixed_precision else jnp.float32
     use_features = config.grl.attach == "features"
@@ -384,9 +384,8 @@ class Trainer:
             print(text, flush=True)
 
     # -- evaluation
-    def recall(self, state: TrainState | dict, split: fmt.SplitDataset, queries: str) -> dict:
-        """Recalls of ``split``/``queries`` with the state's model (or with ``{"params", "batch_stats"}``)."""
-        describe = self.describer.bind(state if isinstance(state, dict) else self.variables(state))
+    def recall(self, state: TrainState, split: fmt.SplitDataset, queries: str) -> dict:
+        describe = self.describer.bind(self.variables(state))
         return ev.evaluate_split(describe, split, queries, self.thresholds, self.eval_resize,
                                  batch_size=self.config.eval.batch_size,
                                  num_workers=self.config.data.num_workers, progress=False)
