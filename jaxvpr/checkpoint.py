@@ -15,6 +15,7 @@ one of its step folders, or a training workdir.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -162,13 +163,15 @@ class TrainCheckpointer:
     """Checkpoints of a training run: ``<workdir>/checkpoints`` (the last ``keep``) and ``<workdir>/best``.
 
     Every step folder holds ``model`` (params + batch stats, so ``load_model(workdir)`` works),
-    ``train`` (optimizer states, discriminator, step), ``classifiers`` (every group's CosFace weight
-    and Adam state, host arrays) and ``meta`` (model config, run config, progress: epoch, iteration
-    within the epoch -- the data iterators' position --, best recall). Orbax writes each step to a
-    temporary folder and renames it when complete: a run killed at any moment leaves only whole steps.
+    ``train`` (every other field of the recipe's train state: step, optimizer states, the GRL
+    discriminator, ...), ``host`` (the recipe's host-side numpy state: CosPlace's per-group
+    classifiers and their Adam states, the triplet recipe's mining cache) and ``meta`` (model config,
+    run config, progress: epoch, iteration within the epoch -- the data iterators' position --, best
+    recall). Orbax writes each step to a temporary folder and renames it when complete: a run killed
+    at any moment leaves only whole steps.
     """
 
-    ITEMS = ("model", "train", "classifiers", "meta")
+    ITEMS = ("model", "train", "host", "meta")
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 2):
         workdir = Path(workdir).absolute()
@@ -181,17 +184,22 @@ class TrainCheckpointer:
 
     @staticmethod
     def _split(state) -> tuple[dict, dict]:
+        """``state`` (a flax struct dataclass) -> (model variables, the other fields by name).
+
+        Fields the state class lists in ``not_checkpointed`` are left out (the recipe keeps them in
+        its host state, e.g. CosPlace's classifier of the current group).
+        """
         model = {"params": state.params, "batch_stats": state.batch_stats}
-        train = {"step": state.step, "opt_state": state.opt_state, "disc_params": state.disc_params,
-                 "disc_opt": state.disc_opt}
+        skip = ("params", "batch_stats", *getattr(type(state), "not_checkpointed", ()))
+        train = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in skip}
         return model, train
 
-    def save(self, state, classifiers: list[dict], progress: dict, model_cfg, config, is_best: bool = False) -> None:
+    def save(self, state, host: dict, progress: dict, model_cfg, config, is_best: bool = False) -> None:
         step = int(state.step)
         model, train = self._split(state)
         meta = {"format": FORMAT, "model": _as_dict(model_cfg), "progress": dict(progress),
                 "config": json.loads(config.to_json_best_effort())}
-        store = {f"group_{g}": c for g, c in enumerate(classifiers)}
+        host = {"_": np.zeros((), np.int32), **jax.tree.map(np.asarray, host)}  # never an empty tree
         if is_best and step not in self.best.all_steps():
             self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
                                                          meta=ocp.args.JsonSave(meta)))
@@ -199,15 +207,17 @@ class TrainCheckpointer:
         if step not in self.manager.all_steps():
             self.manager.save(step, args=ocp.args.Composite(
                 model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
-                classifiers=ocp.args.StandardSave(store), meta=ocp.args.JsonSave(meta)))
+                host=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
             self.manager.wait_until_finished()
 
-    def restore_latest(self, state, classifiers: list[dict], shardings=None):
-        """``(state, classifiers, progress)`` from the latest step, or None when there is none.
+    def restore_latest(self, state, shardings=None, host_template: dict | None = None):
+        """``(state, host, progress)`` from the latest step, or None when there is none.
 
         ``shardings`` (a tree like ``state``, e.g. ``parallel.state_shardings``) says where each array
         goes: Orbax reads each device's part directly, so a run saved on one topology (process and
-        device count) resumes on another. Classifiers come back as host numpy arrays.
+        device count) resumes on another. The host state comes back as numpy arrays: in the structure
+        and shapes of ``host_template`` when given (e.g. optimizer states, whose tuples a restore
+        from metadata alone would turn into lists), else as saved.
         """
         step = self.manager.latest_step()
         if step is None:
@@ -217,25 +227,27 @@ class TrainCheckpointer:
             shardings = jax.tree.map(lambda _: device, state)
         model_t, train_t = self._split(state)
         model_s, train_s = self._split(shardings)
-        store_t = {f"group_{g}": jax.tree.map(np.asarray, c) for g, c in enumerate(classifiers)}
         to_abstract = lambda tree, sh: jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sh)
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(
                 model=ocp.args.StandardRestore(to_abstract(model_t, model_s)),
                 train=ocp.args.StandardRestore(to_abstract(train_t, train_s)),
-                classifiers=ocp.args.StandardRestore(store_t),
                 meta=ocp.args.JsonRestore()))
+            if host_template is None:
+                host = _restore_local(self.manager, step, "host", self.manager.directory)
+            else:
+                template = {"_": np.zeros((), np.int32), **jax.tree.map(np.asarray, host_template)}
+                host = self.manager.restore(step, args=ocp.args.Composite(
+                    host=ocp.args.StandardRestore(template)))["host"]
         except Exception as e:  # a checkpoint of another run or model: say where, keep it intact
             raise CheckpointError(
                 f"Cannot resume from {self.manager.directory}/{step}: {e}\nIt was written by a different model or "
                 "setting; use another --workdir (nothing was changed in this one).") from e
-        model, train = r["model"], r["train"]
-        state = state.replace(step=train["step"], params=model["params"], batch_stats=model["batch_stats"],
-                              opt_state=train["opt_state"], disc_params=train["disc_params"], disc_opt=train["disc_opt"])
-        classifiers = [r["classifiers"][f"group_{g}"] for g in range(len(classifiers))]
-        classifiers = [jax.tree.map(np.asarray, c) for c in classifiers]
-        return state, classifiers, r["meta"]["progress"]
+        state = state.replace(params=r["model"]["params"], batch_stats=r["model"]["batch_stats"], **r["train"])
+        host = jax.tree.map(np.asarray, host)
+        host.pop("_", None)
+        return state, host, r["meta"]["progress"]
 
     def load_best_variables(self, model_cfg):
         step = self.best.latest_step()

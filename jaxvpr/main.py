@@ -6,6 +6,9 @@ Any config field can be overridden on the command line; an unknown field is an e
 
 - ``cosplace``: CosPlace training, with GRL domain adaptation when ``grl.enabled`` (thesis ch. 4);
   see ``jaxvpr/train/cosplace.py`` and ``jaxvpr/train/config.py`` for every field.
+- ``triplet``: triplet fine-tuning with the VG benchmark's mining (thesis §5.4), several training
+  datasets separated or aggregated; see ``jaxvpr/train/triplet.py`` and ``triplet_config`` in
+  ``jaxvpr/train/config.py``.
 - ``evaluate``: describe a split's database and query folders with a model and report recalls.
 """
 
@@ -54,13 +57,13 @@ def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
     return all_results
 
 
-def run_cosplace(config: ConfigDict, workdir: Path) -> dict:
-    from jaxvpr.train.cosplace import train
+def run_training(config: ConfigDict, workdir: Path) -> dict:
+    from jaxvpr.train import train
 
     return train(config, workdir)
 
 
-RECIPES = {"cosplace": run_cosplace, "evaluate": run_evaluate}
+RECIPES = {"cosplace": run_training, "triplet": run_training, "evaluate": run_evaluate}
 
 
 def main(argv):
@@ -83,7 +86,7 @@ def main(argv):
     from jaxvpr.checkpoint import CheckpointError
     from jaxvpr.data.format import DatasetError
     from jaxvpr.train.config import ConfigError
-    from jaxvpr.train.cosplace import NonFiniteLossError
+    from jaxvpr.train.loop import NonFiniteLossError
 
     try:
         RECIPES[config.recipe](config, workdir)

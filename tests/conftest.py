@@ -13,3 +13,12 @@ def tiny_city(tmp_path_factory):
 
     cache = os.environ.get("JAXVPR_CACHE") or tmp_path_factory.mktemp("jaxvpr_cache")
     return synthetic.ensure_city("tiny", seed=0, cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_indoor(tmp_path_factory):
+    """The synthetic `indoor_tiny` floors, generated once per session (like tiny_city)."""
+    from jaxvpr.data import synthetic_indoor
+
+    cache = os.environ.get("JAXVPR_CACHE") or tmp_path_factory.mktemp("jaxvpr_cache")
+    return synthetic_indoor.ensure_indoor("indoor_tiny", seed=0, cache_dir=cache)

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import final_params
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -117,17 +119,6 @@ def _load_config(path):
     return module.get_config()
 
 
-def _final_params(workdir):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(Path(workdir) / "checkpoints", item_names=("model",)) as m:
-        step = m.latest_step()
-        restored = m.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-    import jax
-
-    return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(restored["model"])}
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_parameters(tmp_path, tiny_root):
     from jaxvpr.train.cosplace import train
@@ -166,8 +157,8 @@ def test_resume_after_sigkill_gives_the_same_parameters(tmp_path, tiny_root):
 
     # Resume (default behaviour for an existing workdir) and finish.
     train(config, killed)
-    step_a, a = _final_params(straight)
-    step_b, b = _final_params(killed)
+    step_a, a = final_params(straight)
+    step_b, b = final_params(killed)
     assert step_a == step_b == 8
     assert a.keys() == b.keys()
     for k in a:
@@ -184,7 +175,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path, tin
     config.train.checkpoint_every = 1
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, iteration \d"):
         train(config, tmp_path / "nan")
-    step, params = _final_params(tmp_path / "nan")
+    step, params = final_params(tmp_path / "nan")
     assert all(np.isfinite(v).all() for v in params.values()), f"checkpoint {step} holds non-finite values"
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxvpr.data.images import normalize, to_float01
+from jaxvpr.data.images import resize as resize_image
 
 # ---------------------------------------------------------------------------------------------
 # Colour: torchvision.transforms.functional.adjust_{brightness,contrast,saturation,hue} (tensors)
@@ -327,4 +328,37 @@ def cosplace_augment(img: np.ndarray, rng: np.random.Generator, cfg: Any) -> np.
     if not 0.0 <= rrc < 1.0:
         raise ValueError(f"cosplace_augment: random_resized_crop must be in [0, 1) (crop scale (1 - x, 1)), got {rrc}.")
     x = random_resized_crop(x, rng, _size_hw(_field(cfg, "image_size")), scale=(1.0 - rrc, 1.0))
+    return normalize(x)
+
+
+def round_to_multiple(size: int, multiple: int) -> int:
+    """``round(size / multiple) * multiple`` (at least ``multiple``): DINOv2 inputs, 360 -> 364 with 14."""
+    return max(multiple, int(round(size / multiple)) * multiple)
+
+
+def triplet_augment(img: np.ndarray, rng: np.random.Generator, resize: int, crop: int,
+                    patch_multiple: int = 0) -> np.ndarray:
+    """The thesis fork's training transform of every triplet image -> float32 (H, W, 3), normalised.
+
+    ``Resize(resize)`` (shorter side, PIL bilinear as torchvision) then ``RandomCrop(crop)`` (a
+    ``crop`` x ``crop`` square at a uniform position, ``torch.randint(0, h - crop + 1)`` as
+    torchvision draws it); ``resize`` or ``crop`` 0 skips that part. With ``patch_multiple`` (14 for
+    DINOv2) each side is then resized (antialiased bilinear, as the fork's SALAD wrapper does on
+    the batch) to the nearest multiple: 360 -> 364.
+    """
+    if resize:
+        img = resize_image(img, int(resize))
+    h, w = img.shape[:2]
+    if crop:
+        if crop > min(h, w):
+            raise ValueError(f"triplet_augment: crop {crop} is larger than the image ({h}x{w} after resize {resize}).")
+        top = int(rng.integers(0, h - crop + 1))
+        left = int(rng.integers(0, w - crop + 1))
+        img = img[top:top + crop, left:left + crop]
+    x = to_float01(img)
+    if patch_multiple:
+        h, w = x.shape[:2]
+        size = (round_to_multiple(h, patch_multiple), round_to_multiple(w, patch_multiple))
+        if size != (h, w):
+            x = resize_antialias(x, size)
     return normalize(x)

@@ -279,13 +279,19 @@ def aggregate_utm(utms: list[np.ndarray], offset_m: float = 1e5) -> list[np.ndar
 
 def dataset_root(root: str = "", synthetic_preset: str = "", synthetic_seed: int = 0) -> Path:
     """The dataset root: ``root``, else ``$JAXVPR_DATA``, else the synthetic city of ``synthetic_preset``
-    (generated on first use, see ``jaxvpr.data.synthetic.ensure_city``)."""
+    (generated on first use, see ``jaxvpr.data.synthetic.ensure_city``); a preset named ``indoor_*``
+    gives the synthetic indoor floors instead (``jaxvpr.data.synthetic_indoor.ensure_indoor``: one
+    ``<root>/<floor>/{database,queries}`` dataset per floor)."""
     root = root or os.environ.get("JAXVPR_DATA", "")
     if root:
         path = Path(root).expanduser()
         if not path.is_dir():
             raise DatasetError(f"Dataset root {str(path)!r} (config.data.root or $JAXVPR_DATA) does not exist.")
         return path
+    if synthetic_preset.startswith("indoor_"):
+        from jaxvpr.data.synthetic_indoor import ensure_indoor
+
+        return Path(ensure_indoor(preset=synthetic_preset, seed=synthetic_seed))
     if synthetic_preset:
         from jaxvpr.data.synthetic import ensure_city
 

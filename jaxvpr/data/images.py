@@ -17,6 +17,7 @@ EXIF orientation tags are ignored, as in the anchors (``Image.open`` does not ap
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -29,7 +30,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN = np.asarray(IMAGENET_MEAN, np.float32)
 _STD = np.asarray(IMAGENET_STD, np.float32)
 
-ResizeSpec = None | int | tuple[int, int] | Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShorterSide:
+    """Resize so the shorter side is ``size``, then each side to the nearest multiple of ``multiple``
+    (DINOv2 needs multiples of its patch, 14: the thesis fork's SALAD inputs, 360 x 480 -> 364 x 476)."""
+
+    size: int
+    multiple: int = 1
+
+
+ResizeSpec = None | int | tuple[int, int] | Sequence[int] | ShorterSide
 
 _warned_truncated_flag = False
 
@@ -101,6 +113,10 @@ def output_size(spec: ResizeSpec, height: int, width: int) -> tuple[int, int]:
     """
     if spec is None:
         return height, width
+    if isinstance(spec, ShorterSide):
+        h, w = output_size(int(spec.size), height, width)
+        m = int(spec.multiple)
+        return max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
     if isinstance(spec, (int, np.integer)):
         n = int(spec)
         if n <= 0:

@@ -39,6 +39,9 @@ Samplers
   each class; the label is the class position in the group (the CosFace classifier's row).
 * :class:`UniformSampler` -- an unlabeled folder (GRL target batches, thesis §4.4), reshuffled every
   pass; label -1.
+* :class:`SequenceSampler` -- a fixed order chosen elsewhere (the triplet recipe's mined
+  ``[query, positive, negatives...]`` rows, flattened); a corrupt image is an error, since no other
+  image can take its place in a triplet.
 """
 
 from __future__ import annotations
@@ -193,6 +196,20 @@ class UniformSampler:
             if index not in tried:
                 tried.add(index)
                 yield index, -1
+
+
+class SequenceSampler:
+    """Position ``i`` is image ``indices[i]`` with label ``labels[i]`` (default: the position's slot
+    ``i % period``); no replacement candidates."""
+
+    def __init__(self, indices: Sequence[int], period: int = 1):
+        self.indices = np.asarray(indices, np.int64)
+        self.period = int(period)
+
+    def candidates(self, seed: int, position: int) -> Iterator[tuple[int, int]]:
+        if not 0 <= position < len(self.indices):
+            raise IndexError(f"SequenceSampler: position {position} outside [0, {len(self.indices)}).")
+        yield int(self.indices[position]), int(position % self.period)
 
 
 # ---------------------------------------------------------------------------------------------

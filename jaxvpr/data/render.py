@@ -191,6 +191,8 @@ class City:
     walls: the boxes' side walls (derived from `boxes`).
     districts: named areas (train/val/test) as (x_min, x_max, y_min, y_max) rectangles
     whose sides are street centre lines.
+    lights: optional (L, 3) light positions (m) that replace the lamp-post heads, e.g. the
+    ceiling lamps of an indoor floor (`synthetic_indoor`); None = the street lamps.
     """
 
     x_streets: np.ndarray
@@ -206,6 +208,7 @@ class City:
     zone_number: int
     zone_letter: str
     districts: dict = dataclasses.field(default_factory=dict)
+    lights: np.ndarray | None = None
 
     def with_objects(self, objects: Boxes) -> "City":
         """The same city with extra boxes (parked cars, pedestrians, occluders) added."""
@@ -216,7 +219,9 @@ class City:
         return dataclasses.replace(self, boxes=Boxes.concat([self.boxes, objects]), walls=walls)
 
     def lamp_heads(self) -> np.ndarray:
-        """(L, 3) positions of street-lamp heads: tops of poles taller than 4 m."""
+        """(L, 3) light positions: `lights` if given, else the tops of poles taller than 4 m."""
+        if self.lights is not None:
+            return self.lights
         b = self.boxes
         sel = (b.kind == POLE) & (b.height > 4.0)
         return np.stack([b.cx[sel], b.cy[sel], b.height[sel]], axis=1)
@@ -445,6 +450,13 @@ class Style:
     saturation: float = 1.0
     tint: tuple = (1.0, 1.0, 1.0)
     noise: float = 0.01  # sensor noise standard deviation
+    lamp_colour: tuple = (1.0, 0.82, 0.55)  # colour of the lamps (`City.lamp_heads`)
+    # Indoor scenes (`synthetic_indoor`); the defaults keep the outdoor renderer unchanged.
+    ceiling_colour: tuple | None = None  # a flat ceiling at `ceiling_height` replaces the sky
+    ceiling_height: float = 3.5  # metres above the floor
+    floor_colour: tuple | None = None  # a tiled floor replaces the streets
+    floor_tile: float = 0.6  # floor tile size (m)
+    steady_shop_lights: bool = False  # a shop window is lit or not per shop, not per image
 
 
 def make_style(domain: str, rng: np.random.Generator, heading: float | None = None) -> Style:
@@ -541,6 +553,40 @@ def _sky(style: Style, dirs: np.ndarray) -> np.ndarray:
     if style.sky_fog > 0:
         c = (1 - style.sky_fog) * c + style.sky_fog * np.array(style.fog_colour)
     return c
+
+
+def _ceiling(style: Style, camera: Camera, dirs: np.ndarray, lights: np.ndarray, ambient: np.ndarray) -> np.ndarray:
+    """Indoor ceiling seen by unit rays (M, 3) that leave above the walls (`Style.ceiling_colour`).
+
+    A flat ceiling at `style.ceiling_height` (m) with 0.6 m acoustic tiles, lit by the
+    ambient light (x 1.8: light bounced off the floor), with a bright 0.7 m square panel at
+    every light (`City.lights`), and the distance fog of the walls. Rays at or below the
+    horizontal see the fog colour.
+    """
+    up = np.maximum(dirs[:, 2], 1e-6)
+    t = (style.ceiling_height - camera.height) / up  # distance along the ray (m)
+    cx, cy = camera.x + t * dirs[:, 0], camera.y + t * dirs[:, 1]
+    footprint = t * 2.0 * math.tan(math.radians(camera.hfov) / 2.0) / camera.resolution / np.clip(up, 0.05, 1.0)
+    joint = ((np.mod(cx, 0.6) < 0.03) | (np.mod(cy, 0.6) < 0.03)) * (1 - _lod(footprint, 0.1))
+    col = np.array(style.ceiling_colour)[None, :] * (1.0 - 0.25 * joint)[:, None] * ambient[None, :] * 1.8
+    near = lights[np.hypot(lights[:, 0] - camera.x, lights[:, 1] - camera.y) < 60.0] if len(lights) else lights
+    panel = np.zeros(cx.shape, dtype=bool)
+    for lx, ly, _ in near:
+        panel |= (np.abs(cx - lx) < 0.35) & (np.abs(cy - ly) < 0.35)
+    col[panel] = 1.1 * np.array(style.lamp_colour)
+    f = 1.0 - np.exp(-np.minimum(t, MAX_VIEW_DISTANCE) / style.fog_distance)
+    f[dirs[:, 2] <= 1e-6] = 1.0
+    return col + f[:, None] * (np.array(style.fog_colour)[None, :] - col)
+
+
+def _floor_albedo(gx: np.ndarray, gy: np.ndarray, footprint: np.ndarray, style: Style) -> np.ndarray:
+    """Albedo of an indoor tiled floor at (gx, gy) (m): `style.floor_tile` tiles whose shade
+    varies by +-8 %, with darker joints that fade out when pixels are larger than 0.1 m."""
+    size = style.floor_tile
+    ix, iy = np.floor(gx / size), np.floor(gy / size)
+    shade = 1.0 + 0.16 * (hash01(ix, iy, 11) - 0.5) + 0.08 * ((ix + iy) % 2 - 0.5)
+    joint = ((gx - ix * size < 0.025) | (gy - iy * size < 0.025)) * (1 - _lod(footprint, 0.1))
+    return np.array(style.floor_colour)[None, :] * (shade * (1.0 - 0.35 * joint))[:, None]
 
 
 def _lod(footprint: np.ndarray, feature) -> np.ndarray:
@@ -661,7 +707,8 @@ def _shade_facades(city: City, b: np.ndarray, u: np.ndarray, z: np.ndarray, wall
         strength = 0.55 + 0.45 * hash01(b, floor_i, col_i, image_seed + 1)
         emis += ((in_win & lit) * strength * (1 - blur))[:, None] * warm
         emis += (blur * fill * style.lit_windows * upper)[:, None] * warm * 0.7
-        shop_lit = shop & (hash01(b, wall_key, image_seed + 2) < 0.6)
+        shop_key = 2 if style.steady_shop_lights else image_seed + 2
+        shop_lit = shop & (hash01(b, wall_key, shop_key) < 0.6)
         emis += shop_lit[:, None] * np.array([0.9, 0.8, 0.6], dtype=np.float32) * 0.6
     return lit_col, emis
 
@@ -804,18 +851,24 @@ def render_view(city: City, camera: Camera, style: Style, rng: np.random.Generat
             total += np.maximum(along, 0.0) / np.sqrt(d2) * (18.0 / (d2 + 4.0))
         return style.street_lights * total
 
-    lamp_colour = np.array([1.0, 0.82, 0.55])
+    lamp_colour = np.array(style.lamp_colour)
 
-    # Sky.
+    # Sky (or the ceiling indoors).
     sky = hits.what == SKY
-    colour[sky] = _sky(style, dirs[sky])
+    if style.ceiling_colour is None:
+        colour[sky] = _sky(style, dirs[sky])
+    else:
+        colour[sky] = _ceiling(style, camera, dirs[sky], city.lamp_heads(), amb)
 
     # Ground.
     ground = hits.what == GROUND
     if ground.any():
         cos_g = np.clip(-dirs[ground, 2], 0.05, 1.0)
         fp = hits.dist[ground] * pix_angle / cos_g
-        alb = _ground_albedo(city, hits.px[ground], hits.py[ground], fp, style)
+        if style.floor_colour is None:
+            alb = _ground_albedo(city, hits.px[ground], hits.py[ground], fp, style)
+        else:
+            alb = _floor_albedo(hits.px[ground], hits.py[ground], fp, style)
         light = amb + sun_col * max(sun[2], 0.0)
         c = alb * light[None, :]
         if len(lamps):

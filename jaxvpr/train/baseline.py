@@ -45,9 +45,12 @@ def load_config_file(name: str) -> ConfigDict:
 
 def config_hash(config: ConfigDict) -> str:
     from jaxvpr.data.synthetic import VERSION
+    from jaxvpr.data.synthetic_indoor import VERSION as INDOOR_VERSION
 
-    text = json.dumps({"config": json.loads(config.to_json_best_effort(sort_keys=True)), "city_version": VERSION},
-                      sort_keys=True)
+    versions = {"city_version": VERSION}
+    if str(config.data.synthetic_preset).startswith("indoor_"):
+        versions["indoor_version"] = INDOOR_VERSION
+    text = json.dumps({"config": json.loads(config.to_json_best_effort(sort_keys=True)), **versions}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -59,7 +62,7 @@ def cache_root() -> Path:
 
 def ensure_trained(name: str, config: ConfigDict | None = None, verbose: bool = True) -> Path:
     """The workdir of the finished run of ``configs/<name>.py`` (or of ``config``), trained if absent."""
-    from jaxvpr.train.cosplace import train
+    from jaxvpr.train import train
 
     config = load_config_file(name) if config is None else config
     workdir = cache_root() / f"{Path(name).stem}-{config_hash(config)}"
@@ -74,7 +77,8 @@ def ensure_trained(name: str, config: ConfigDict | None = None, verbose: bool = 
         results = train(config, workdir)
         if jax.process_index() == 0:
             (workdir / DONE).write_text(json.dumps({"name": name, "best_epoch": results["best_epoch"],
-                                                    "best_val_recall@1": results["best_val_recall@1"]}) + "\n")
+                                                    "selection": results["selection"],
+                                                    "best_val_selection": results["best_val_selection"]}) + "\n")
     return workdir
 
 

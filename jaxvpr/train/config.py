@@ -72,6 +72,12 @@ def cosplace_config() -> ConfigDict:
     c.train.log_every = 50
     c.train.eval_before_training = False  # evaluate data.monitor before the first step
     c.train.eval_random_init = False   # ... and the randomly initialised network too (demo)
+    # Model selection on the validation queries: R@select_recall at select_distance_m metres (0: the
+    # first threshold, here data.positive_dist_threshold). patience: stop after that many epochs
+    # without improvement (0: never; CosPlace trains every epoch).
+    c.train.select_recall = 1
+    c.train.select_distance_m = 0.0
+    c.train.patience = 0
 
     c.grl = ConfigDict()
     c.grl.enabled = False
@@ -103,4 +109,83 @@ def cosplace_config() -> ConfigDict:
     c.mesh.data = -1                   # -1: all devices
     c.mesh.fsdp = 1
     c.mesh.shard_params = False        # FSDP-style: large parameters split over the batch axes
+    return c
+
+
+def triplet_config() -> ConfigDict:
+    """Triplet fine-tuning (thesis §5.4; the VG benchmark's training as the thesis fork runs it).
+
+    Defaults are the VG benchmark's (``parser.py``) with the fork's changes: images resized to a
+    shorter side of 360 then randomly cropped to 360 x 360 for training, evaluated at shorter side
+    360, positives counted at 1, 5, 10, 25 m. See ``jaxvpr/train/triplet.py`` for the recipe.
+    """
+    c = ConfigDict()
+    c.recipe = "triplet"
+    c.seed = 0
+
+    # Data. Every dataset is a folder holding database/ and queries/ (jaxvpr.data.format.read_split;
+    # the kapture and Baidu converters and the synthetic indoor floors write that), relative to
+    # data.root ($JAXVPR_DATA; or the synthetic indoor preset "indoor_tiny" / "indoor_small").
+    c.data = ConfigDict()
+    c.data.root = ""
+    c.data.synthetic_preset = ""
+    c.data.synthetic_seed = 0
+    c.data.train_splits = ""           # comma-separated training datasets, e.g. "gangnam_b1,hyundai_b1"
+    c.data.val_split = ""              # the validation dataset (model selection, early stopping)
+    c.data.val_queries = "queries"
+    c.data.test_splits = ""            # comma-separated test datasets, evaluated with the best model
+    c.data.test_queries = "queries"
+    c.data.monitor = ()                # extra "dataset:queries" pairs evaluated before training and every epoch
+    c.data.train_resize = 360          # training: shorter side (0: native), then ...
+    c.data.train_crop = 360            # ... a random train_crop x train_crop square (0: none)
+    c.data.patch_multiple = -1         # -1: the model's (14 for DINOv2: sides rounded, 360 -> 364); 0: none
+    c.data.eval_resize = "360"         # cache, validation and test: "" native, "N" shorter side, "H,W"
+    c.data.image_size = 360            # random-init trace size (and the demo's random-init row)
+    c.data.num_workers = 2
+
+    c.model = ConfigDict()
+    c.model.name = "eigenplaces_resnet50_2048"
+    c.model.backbone = ""
+    c.model.head = ""
+    c.model.init_checkpoint = ""       # converted hub weights or a jaxvpr run ("config:NAME": trained on first use)
+    c.model.fc_output_dim = 0
+    c.model.trainable_stages = -1      # -1: the paper's policy (EigenPlaces layer3+4; SALAD the last 4 blocks)
+    c.model.train_all_layers = False
+    c.model.allow_random_frozen = False
+
+    c.train = ConfigDict()
+    c.train.epochs = 1000              # VG: epochs_num (early stopping ends the run)
+    c.train.batch_size = 4             # queries per step (VG train_batch_size); each brings 1 + 1 + negs images
+    c.train.lr = 1e-5                  # Adam over the trainable parameters
+    c.train.margin = 0.1               # triplet margin (L2 distances; not sqrt(0.1))
+    c.train.squared_distance = False   # True: squared L2 distances (AdAGeo eq. 8)
+    c.train.mining = "partial"         # "partial" | "full" | "random" (jaxvpr/train/mining.py)
+    c.train.queries_per_epoch = "5000"  # one value, or one per training dataset (the fork's table)
+    c.train.cache_refresh_rate = 1000  # queries mined per cache; 0: queries_per_epoch (one refresh per epoch)
+    c.train.negs_num_per_query = 10
+    c.train.neg_samples_num = 1000     # database images sampled per refresh (partial, full); min(., database)
+    c.train.train_positives_dist_threshold = 10.0  # metres: hard positives
+    c.train.val_positive_dist_threshold = 25.0     # metres: soft positives (never negatives)
+    c.train.multi_dataset = "separated"  # "separated": epoch e trains dataset e mod N; "aggregated": one union
+    c.train.aggregate_offset_m = 1e5   # aggregated: dataset k's easting shifted by k * this
+    c.train.mixed_precision = False
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 2
+    c.train.log_every = 50
+    c.train.eval_before_training = False
+    c.train.eval_random_init = False
+    # Selection / early stopping: the fork's rule, R@5 at its first test threshold (1 m), patience 3.
+    c.train.select_recall = 5
+    c.train.select_distance_m = 0.0    # 0: the first of eval.thresholds
+    c.train.patience = 3
+
+    c.eval = ConfigDict()
+    c.eval.batch_size = 16             # VG infer_batch_size (cache, validation, test)
+    c.eval.thresholds = "1,5,10,25"    # metres (the fork's test_positive_thresholds)
+    c.eval.angles = ""                 # optional heading limits per threshold, e.g. "5,30,60"
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.shard_params = False
     return c

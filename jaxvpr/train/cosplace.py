@@ -13,17 +13,16 @@ The story of a run, top to bottom:
    explicit shardings over the mesh (batch split over the data axis).
    loss = CosFace(source) + lambda * CE(discriminator(GRL(features of source[:8] and target)))
    (thesis eq. 4.1), GRL coefficient from eq. 4.2 with p = epoch / epochs.
-4. the loop: validation recall each epoch picks the best checkpoint; Orbax checkpoints every
-   ``checkpoint_every`` steps and at epoch ends; the test set is evaluated with the best model.
+4. the loop (``jaxvpr/train/loop.py``, shared with the triplet recipe): validation recall each
+   epoch picks the best checkpoint; Orbax checkpoints every ``checkpoint_every`` steps and at epoch
+   ends (with every group's classifier); the test set is evaluated with the best model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +34,30 @@ import optax
 from absl import logging
 from ml_collections import ConfigDict
 
-from jaxvpr import evaluate as ev
 from jaxvpr import parallel
-from jaxvpr.checkpoint import TrainCheckpointer
 from jaxvpr.data import format as fmt
 from jaxvpr.data import pipeline
 from jaxvpr.data.augment import cosplace_augment
 from jaxvpr.data.cosplace import cached_group_classes, check_groups_num
-from jaxvpr.models import build_model, descriptor_dim, feature_dim, frozen_mask, init_variables, model_config
+from jaxvpr.models import feature_dim, frozen_mask
 from jaxvpr.models.discriminator import DomainDiscriminator
 from jaxvpr.models.grl import grad_reverse, grl_coefficient, grl_schedule
 from jaxvpr.train import losses
 from jaxvpr.train.config import ConfigError
-from jaxvpr.train.logger import MetricsLogger, plot_run
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
+from jaxvpr.train.loop import (  # noqa: F401  (re-exported: the recipe's public names)
+    NonFiniteLossError, Trainer, cast_floats, check_batch_sizes, epoch_seed, frozen_params_mask,
+    load_init_checkpoint, run_model_config, stop_frozen)
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything the step changes. ``classifier`` is the CosFace weight of the group being trained."""
+    """Everything the step changes. ``classifier`` is the CosFace weight of the group being trained.
+
+    Checkpoints hold every group's classifier in the recipe's host state, so the state's copy is
+    not written twice (``not_checkpointed``).
+    """
+
+    not_checkpointed = ("classifier", "classifier_opt")
 
     step: jax.Array
     params: Any
@@ -68,87 +69,17 @@ class TrainState:
     disc_opt: Any
 
 
-# ----------------------------------------------------------------------------- model and optimizers
-def run_model_config(config: ConfigDict) -> ConfigDict:
-    overrides = {}
-    if config.model.fc_output_dim:
-        overrides["fc_output_dim"] = int(config.model.fc_output_dim)
-    if config.model.train_all_layers:
-        overrides["trainable_stages"] = None  # CosPlace's --train_all_layers
-    elif config.model.trainable_stages != -1:
-        overrides["trainable_stages"] = config.model.trainable_stages
-    if config.model.backbone or config.model.head:
-        if not (config.model.backbone and config.model.head):
-            raise ValueError("config.model.backbone and config.model.head go together (free composition).")
-        return model_config({"backbone": config.model.backbone, "head": config.model.head}, **overrides)
-    return model_config(config.model.name, **overrides)
-
-
-# Fields of a model config that do not change its parameters: a checkpoint of the same architecture
-# initialises a run whatever its name or freezing policy (e.g. the converted CosPlace hub model with
-# --config.model.train_all_layers=True).
-_NON_ARCHITECTURE_KEYS = ("name", "trainable_stages", "image_size")
-
-
-def load_init_checkpoint(path: str, model_cfg: ConfigDict, expected_variables) -> Any:
-    """The variables of ``model.init_checkpoint``, after checking architecture and every shape.
-
-    ``path`` is a jaxvpr checkpoint folder (a training run's workdir, its ``best/``, or a converted
-    model), or ``config:NAME``: the best model of ``configs/NAME.py`` trained by jaxvpr itself on
-    first use and cached (:func:`jaxvpr.train.baseline.ensure_trained`; the demo's baseline).
-    """
-    from jaxvpr.checkpoint import CheckpointError, check_tree_matches, load_model
-
-    if path.startswith("config:"):
-        from jaxvpr.train.baseline import ensure_trained
-
-        path = str(ensure_trained(path[len("config:"):]))
-    cfg, loaded = load_model(path)
-    ours, theirs = model_cfg.to_dict(), cfg.to_dict()
-    differ = sorted(k for k in set(ours) | set(theirs) if k not in _NON_ARCHITECTURE_KEYS
-                    and ours.get(k) != theirs.get(k))
-    if differ:
-        raise CheckpointError(
-            f"model.init_checkpoint {path} holds another architecture than the run's model: "
-            + ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, run {ours.get(k)!r}" for k in differ)
-            + ". Set config.model.name (or model.backbone/head/fc_output_dim) to match the checkpoint.")
-    check_tree_matches(expected_variables, loaded, f"{path} (model.init_checkpoint)")
-    return loaded
-
-
-def check_no_random_frozen_stages(model_cfg: ConfigDict, params, config: ConfigDict) -> None:
-    """Frozen stages with random weights never learn: refuse them unless the config opts in.
-
-    CosPlace freezes the early ResNet stages because they hold ImageNet weights; frozen *random*
-    stages only pass random features to the trained ones (the demo of 21f01be did this).
-    """
-    if config.model.allow_random_frozen:
-        return
-    mask = frozen_mask(model_cfg, params)["backbone"]
-    frozen = [name for name, sub in mask.items() if all(jax.tree.leaves(sub))]
-    if frozen:
-        raise ConfigError(
-            f"The run trains {model_cfg.name} from random weights but keeps stages {frozen} frozen "
-            f"(model trainable_stages={model_cfg.trainable_stages}): frozen random layers never learn. Start "
-            "from trained weights (config.model.init_checkpoint: a converted CosPlace/ImageNet checkpoint or a "
-            "jaxvpr run), train every stage (--config.model.train_all_layers=True), or set "
-            "--config.model.allow_random_frozen=True if that is really what you want.")
+# ----------------------------------------------------------------------------- optimizers
+def batch_sizes(config: ConfigDict) -> dict[str, int]:
+    sizes = {"train.batch_size": int(config.train.batch_size)}
+    if config.grl.enabled:
+        sizes["grl.target_batch_size"] = int(config.grl.target_batch_size)
+    return sizes
 
 
 def check_topology(config: ConfigDict, mesh) -> None:
     """Global batch sizes must split evenly over the data-parallel devices and the processes."""
-    shards = parallel.num_batch_shards(mesh)
-    procs = jax.process_count()
-    sizes = {"train.batch_size": int(config.train.batch_size)}
-    if config.grl.enabled:
-        sizes["grl.target_batch_size"] = int(config.grl.target_batch_size)
-    for field, size in sizes.items():
-        for what, n in (("data-parallel devices (mesh data x fsdp)", shards), ("processes", procs)):
-            if size % n:
-                raise ConfigError(
-                    f"config.{field}={size} is not divisible by the {n} {what} of this topology "
-                    f"({parallel.describe_topology(mesh)}): every device holds an equal share of the batch. "
-                    f"Use a multiple of {n} (e.g. --config.{field}={-(-size // n) * n}).")
+    check_batch_sizes(batch_sizes(config), mesh)
     if config.grl.enabled and not 0 < config.grl.source_to_discriminator <= config.train.batch_size:
         raise ConfigError(f"config.grl.source_to_discriminator={config.grl.source_to_discriminator} must be in "
                          f"[1, train.batch_size={config.train.batch_size}].")
@@ -162,11 +93,7 @@ def make_optimizers(config: ConfigDict, params, model_cfg: ConfigDict | None = N
     return model_tx, optax.adam(config.train.classifiers_lr), optax.adam(config.grl.lr)
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def make_loss_fn(model, discriminator, config: ConfigDict):
+def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
     """The pure loss ``(params, classifier, disc_params, batch_stats, batch, grl_coeff) -> (total, aux)``.
 
     Thesis eq. 4.1: ``total = CosFace(source) + lambda * CE(D(GRL(f)), domain)`` where ``f`` are the
@@ -192,7 +119,7 @@ def make_loss_fn(model, discriminator, config: ConfigDict):
     use_features = config.grl.attach == "features"
 
     def forward(params, batch_stats, images):
-        variables = {"params": _cast(params, compute_dtype), "batch_stats": batch_stats}
+        variables = {"params": cast_floats(stop_frozen(params, frozen), compute_dtype), "batch_stats": batch_stats}
         (desc, feats), mutated = model.apply(variables, images.astype(compute_dtype), train=True,
                                              return_features=True, mutable=["batch_stats"])
         return desc.astype(jnp.float32), feats.astype(jnp.float32), mutated.get("batch_stats", batch_stats)
@@ -241,11 +168,11 @@ def discriminator_diagnostics(source: jax.Array, target: jax.Array, hidden: list
     return {"disc_active_units": active, "domain_mean_gap": gap / spread}
 
 
-def make_train_step(model, discriminator, txs, config: ConfigDict):
+def make_train_step(model, discriminator, txs, config: ConfigDict, frozen=None):
     """The pure step ``(state, batch, grl_coeff) -> (state, metrics)`` (loss: :func:`make_loss_fn`)."""
     model_tx, cls_tx, disc_tx = txs
     grl_on = bool(config.grl.enabled)
-    loss_fn = make_loss_fn(model, discriminator, config)
+    loss_fn = make_loss_fn(model, discriminator, config, frozen)
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
 
@@ -272,10 +199,6 @@ def make_train_step(model, discriminator, txs, config: ConfigDict):
 
 
 # ----------------------------------------------------------------------------- data
-def data_root(config: ConfigDict) -> Path:
-    return fmt.dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
-
-
 @dataclasses.dataclass
 class TrainData:
     folder: fmt.ImageFolder
@@ -306,52 +229,60 @@ def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainDat
     return TrainData(folder, groups, target_paths)
 
 
-def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, stream): streams 0 source, 1 target."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
 # ----------------------------------------------------------------------------- the run
-class Trainer:
-    """Holds what does not change during a run: data, model, jitted step, evaluators, checkpointer."""
+class CosPlaceTrainer(Trainer):
+    """CosPlace (+ GRL): the hooks of :class:`jaxvpr.train.loop.Trainer`; the loop itself lives there.
+
+    Epoch ``e`` trains group ``e mod groups_num``: its classifier (and Adam state) moves from host
+    memory into the state at the start of the epoch and back at the end; every group's classifier is
+    part of each checkpoint (``host_state``).
+    """
+
+    step_args = 1  # the GRL coefficient
 
     def __init__(self, config: ConfigDict, workdir: str | os.PathLike):
-        self.config = config
-        self.workdir = Path(workdir)
-        self.is_main = jax.process_index() == 0
-        self.mesh = parallel.mesh_from_config(config.mesh)
-        self.model_cfg = run_model_config(config)
-        check_topology(config, self.mesh)  # configs that cannot run fail before any work
-        if not config.model.init_checkpoint:
-            from jaxvpr.models import variable_shapes
-
-            check_no_random_frozen_stages(self.model_cfg, variable_shapes(self.model_cfg)["params"], config)
-        self.root = data_root(config)
+        super().__init__(config, workdir)
+        check_topology(config, self.mesh)
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.workdir / "cache"
         self.data = load_train_data(config, self.root, cache_dir)
-        self.model = build_model(self.model_cfg)
-        self.dim = descriptor_dim(self.model_cfg)
         self.discriminator = DomainDiscriminator(n_domains=2)
         self.txs = None  # set from the initial parameters (make_optimizers)
-        self.logger = MetricsLogger(self.workdir, enabled=self.is_main)
-        self.checkpointer = TrainCheckpointer(self.workdir, keep=config.train.keep_checkpoints)
-        self.describer = ev.Describer(self.model)  # per-process extraction, gathered
-        self.val_split = fmt.read_split(fmt.resolve_folder(self.root, config.data.val_split, "Validation"),
-                                        config.data.val_queries)
-        self.thresholds = [ev.Threshold(float(config.data.positive_dist_threshold))]
-        self.eval_resize = ev.parse_resize(config.data.eval_resize)
+        self.classifiers: list[dict] = []
+        self.group = 0  # the group being trained (its classifier is in the state)
+        t, g = config.train, config.grl
+        self.augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
+            brightness=t.brightness, contrast=t.contrast, saturation=t.saturation, hue=t.hue,
+            random_resized_crop=t.random_resized_crop, image_size=config.data.image_size)))
+        self.target_augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
+            brightness=g.target_brightness, contrast=g.target_contrast, saturation=g.target_saturation,
+            hue=g.target_hue, random_resized_crop=g.target_random_resized_crop, image_size=config.data.image_size)))
 
-    # -- state
-    def initial_variables(self):
-        size = (self.config.data.image_size,) * 2
-        variables = init_variables(self.model_cfg, jax.random.key(self.config.seed), image_size=size)
-        if self.config.model.init_checkpoint:
-            loaded = load_init_checkpoint(self.config.model.init_checkpoint, self.model_cfg, variables)
-            variables = jax.tree.map(lambda _, x: np.asarray(x), variables, loaded)
-        return variables
+    # -- hooks
+    def batch_sizes(self) -> dict[str, int]:
+        return batch_sizes(self.config)
+
+    def eval_thresholds(self):
+        from jaxvpr.evaluate import Threshold
+
+        return [Threshold(float(self.config.data.positive_dist_threshold))]
+
+    def initial_state(self, variables) -> TrainState:
+        """Fresh classifiers for every group (thesis §4.4.1) and the state holding group 0's."""
+        params = variables["params"]
+        self.txs = make_optimizers(self.config, params, self.model_cfg)
+        self.classifiers = self.init_classifiers()
+        model_tx, cls_tx, disc_tx = self.txs
+        in_dim = feature_dim(self.model_cfg) if self.config.grl.attach == "features" else self.dim
+        disc_params = self.discriminator.init(jax.random.key(self.config.seed + 1), jnp.zeros((1, in_dim)))["params"]
+        first = self.classifiers[0]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+            opt_state=model_tx.init(params), classifier=jnp.asarray(first["weight"]),
+            classifier_opt=jax.tree.map(jnp.asarray, first["opt"]),
+            disc_params=disc_params, disc_opt=disc_tx.init(disc_params))
 
     def init_classifiers(self) -> list[dict]:
-        """Host-side CosFace weights and Adam states, one per group (fresh classifiers, thesis §4.4.1)."""
+        """Host-side CosFace weights and Adam states, one per group."""
         out = []
         for g, classes in enumerate(self.data.groups):
             rng = np.random.default_rng([self.config.seed, 1000 + g])
@@ -359,261 +290,82 @@ class Trainer:
             out.append({"weight": weight, "opt": jax.tree.map(np.asarray, self.txs[1].init(weight))})
         return out
 
-    def initial_state(self, variables, classifier: dict) -> TrainState:
-        params = variables["params"]
-        self.txs = make_optimizers(self.config, params, self.model_cfg)
-        model_tx, cls_tx, disc_tx = self.txs
-        in_dim = feature_dim(self.model_cfg) if self.config.grl.attach == "features" else self.dim
-        disc_params = self.discriminator.init(jax.random.key(self.config.seed + 1), jnp.zeros((1, in_dim)))["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-            opt_state=model_tx.init(params), classifier=jnp.asarray(classifier["weight"]),
-            classifier_opt=jax.tree.map(jnp.asarray, classifier["opt"]),
-            disc_params=disc_params, disc_opt=disc_tx.init(disc_params))
+    def make_step(self):
+        return make_train_step(self.model, self.discriminator, self.txs, self.config,
+                               frozen_params_mask(self.model_cfg))
 
-    def place(self, state: TrainState) -> TrainState:
-        shardings = parallel.state_shardings(state, self.mesh, self.config.mesh.shard_params)
-        return jax.device_put(state, shardings)
+    def steps_per_epoch(self, epoch: int) -> int:
+        return int(self.config.train.iterations_per_epoch)
 
-    def variables(self, state: TrainState) -> dict:
-        return {"params": state.params, "batch_stats": state.batch_stats}
+    def start_epoch(self, state: TrainState, epoch: int) -> TrainState:
+        self.group = epoch % self.config.train.groups_num
+        group = self.classifiers[self.group]
+        return state.replace(classifier=jnp.asarray(group["weight"]),
+                            classifier_opt=jax.tree.map(jnp.asarray, group["opt"]))
 
-    def say(self, text: str) -> None:
-        """Prints on the main process only."""
-        if self.is_main:
-            print(text, flush=True)
+    def end_epoch(self, state: TrainState, epoch: int) -> TrainState:
+        self.classifiers[self.group] = _to_host_classifier(state)
+        return state
 
-    # -- evaluation
-    def recall(self, state: TrainState, split: fmt.SplitDataset, queries: str) -> dict:
-        describe = self.describer.bind(self.variables(state))
-        return ev.evaluate_split(describe, split, queries, self.thresholds, self.eval_resize,
-                                 batch_size=self.config.eval.batch_size,
-                                 num_workers=self.config.data.num_workers, progress=False)
+    def host_state(self) -> dict:
+        return {f"group_{g}": c for g, c in enumerate(self.classifiers)}
 
-    def recall_many(self, state: TrainState | dict, named_splits: list[tuple[str, fmt.SplitDataset]]) -> list[dict]:
-        """Recalls of several ``(".../<queries folder>", split)``; a database shared by several is described once."""
-        describe = self.describer.bind(state if isinstance(state, dict) else self.variables(state))
-        return ev.evaluate_query_sets(describe, [(split, name.split("/")[-1]) for name, split in named_splits],
-                                      self.thresholds, self.eval_resize, batch_size=self.config.eval.batch_size,
-                                      num_workers=self.config.data.num_workers)
+    def host_template(self) -> dict:
+        return self.host_state()  # fresh classifiers: same shapes and optimizer-state structure
 
-    def monitor_splits(self) -> list[tuple[str, fmt.SplitDataset]]:
-        out = []
-        for item in self.config.data.monitor:
-            split_dir, _, queries = item.partition(":")
-            split = fmt.read_split(fmt.resolve_folder(self.root, split_dir, "Monitored"), queries or "queries")
-            out.append((f"{Path(split_dir).name}/{queries or 'queries'}", split))
-        return out
+    def load_host_state(self, tree: dict) -> None:
+        self.classifiers = [tree[f"group_{g}"] for g in range(len(self.classifiers))]
 
+    def save(self, state, progress: dict, is_best: bool = False) -> None:
+        self.classifiers[self.group] = _to_host_classifier(state)  # the group being trained lives in the state
+        super().save(state, progress, is_best)
 
-def _recall_row(res: dict) -> dict:
-    r = res["results"][0]["recall"]
-    return {"R@1": r["1"], "R@5": r["5"]}
+    def images_per_step(self) -> int:
+        return int(self.config.train.batch_size) + (
+            int(self.config.grl.target_batch_size) if self.config.grl.enabled else 0)
 
-
-def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Runs (or resumes) a CosPlace/GRL training in ``workdir`` and returns the final results."""
-    t = config.train
-    trainer = Trainer(config, workdir)
-    workdir = trainer.workdir
-    if trainer.is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-
-    variables = trainer.initial_variables()
-    trainer.txs = make_optimizers(config, variables["params"], trainer.model_cfg)
-    classifiers = trainer.init_classifiers()
-    state = trainer.initial_state(variables, classifiers[0])
-    progress = {"epoch": 0, "step_in_epoch": 0, "best_recall": -1.0, "best_epoch": -1}
-
-    shardings = parallel.state_shardings(state, trainer.mesh, config.mesh.shard_params)
-    restored = trainer.checkpointer.restore_latest(state, classifiers, shardings)
-    if restored is not None:
-        state, classifiers, progress = restored
-        logging.info("resumed from step %d (epoch %d, iteration %d)", int(state.step), progress["epoch"],
-                     progress["step_in_epoch"])
-        trainer.say(f"Resuming {workdir} at epoch {progress['epoch']}, iteration {progress['step_in_epoch']}.")
-    state = trainer.place(state)
-    if jax.process_count() > 1 or jax.device_count() > 1:
-        trainer.say(f"Topology: {parallel.describe_topology(trainer.mesh)}; global batch {t.batch_size} "
-                    f"({t.batch_size // jax.process_count()} per process)"
-                    + (f" + {config.grl.target_batch_size} target" if config.grl.enabled else "") + ".")
-    data_sharding = parallel.batch_sharding(trainer.mesh)
-    state_sharding = parallel.state_shardings(state, trainer.mesh, config.mesh.shard_params)
-    step_fn = jax.jit(make_train_step(trainer.model, trainer.discriminator, trainer.txs, config),
-                      in_shardings=(state_sharding, data_sharding, parallel.replicated(trainer.mesh)),
-                      out_shardings=(state_sharding, parallel.replicated(trainer.mesh)),
-                      donate_argnums=(0,))
-    monitors = trainer.monitor_splits()
-    table: list[tuple[str, dict]] = []
-
-    # Results of this process's epochs, by epoch: the final val/test of the best epoch reuses them
-    # instead of describing the same images again with the same weights.
-    evaluated: dict[int, dict] = {}
-
-    def monitor(label: str, state: TrainState | dict, epoch: int | None = None) -> dict:
-        row = {}
-        for (name, split), res in zip(monitors, trainer.recall_many(state, monitors)):
-            for k, v in _recall_row(res).items():
-                row[f"{name}/{k}"] = v
-            if epoch is not None:
-                evaluated.setdefault(epoch, {})[(str(split.database.root), name.split("/")[-1])] = res
-        if row:
-            table.append((label, row))
-            if trainer.is_main:
-                print_monitor_table(table, chance)
-        return row
-
-    chance = {}  # the chance level of each monitored recall (a random ranking of the database)
-    for name, split in monitors:
-        for k, v in ev.chance_recalls(split.database, split.queries, trainer.thresholds[0], (1, 5)).items():
-            chance[f"{name}/R@{k}"] = v
-    if restored is None and (t.eval_before_training and monitors):
-        if t.eval_random_init:  # the untrained network, for scale (a random ResNet + GeM is no chance-level descriptor)
-            monitor("random init", init_variables(trainer.model_cfg, jax.random.key(config.seed),
-                                                  image_size=(config.data.image_size,) * 2))
-        monitor("start" if config.model.init_checkpoint else "before training", state)
-
-    augment_cfg = ConfigDict(dict(brightness=t.brightness, contrast=t.contrast, saturation=t.saturation,
-                                  hue=t.hue, random_resized_crop=t.random_resized_crop,
-                                  image_size=config.data.image_size))
-    augment = functools.partial(cosplace_augment, cfg=augment_cfg)
-    g = config.grl
-    target_augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
-        brightness=g.target_brightness, contrast=g.target_contrast, saturation=g.target_saturation,
-        hue=g.target_hue, random_resized_crop=g.target_random_resized_crop, image_size=config.data.image_size)))
-    src_paths = trainer.data.folder.abs_paths()
-    pid, pcount = jax.process_index(), jax.process_count()
-
-    for epoch in range(progress["epoch"], t.epochs):
+    def batches(self, epoch: int, start: int, current_state):
+        config, t = self.config, self.config.train
+        pid, pcount = jax.process_index(), jax.process_count()
         group = epoch % t.groups_num
-        state = state.replace(classifier=jax.device_put(jnp.asarray(classifiers[group]["weight"])),
-                              classifier_opt=jax.tree.map(jnp.asarray, classifiers[group]["opt"]))
-        state = trainer.place(state)
-        coeff = grl_coefficient(epoch, t.epochs, config.grl.gamma) if config.grl.enabled else 0.0
-        start = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         source = pipeline.train_batches(
-            src_paths, pipeline.ClassBalancedSampler(trainer.data.groups[group], t.batch_size), t.batch_size, augment,
-            seed=epoch_seed(config.seed, epoch, 0), start_step=start, process_index=pid, process_count=pcount,
-            num_workers=config.data.num_workers)
+            self.data.folder.abs_paths(), pipeline.ClassBalancedSampler(self.data.groups[group], t.batch_size),
+            t.batch_size, self.augment, seed=epoch_seed(config.seed, epoch, 0), start_step=start,
+            process_index=pid, process_count=pcount, num_workers=config.data.num_workers)
         target = None
         if config.grl.enabled:
             target = pipeline.train_batches(
-                trainer.data.target_paths, pipeline.UniformSampler(len(trainer.data.target_paths)),
-                config.grl.target_batch_size, target_augment, seed=epoch_seed(config.seed, epoch, 1), start_step=start,
-                process_index=pid, process_count=pcount, num_workers=config.data.num_workers)
-        sums: dict[str, float] = {}       # this epoch's metric sums (epoch means)
-        interval: dict[str, float] = {}   # sums since the last "train" record (interval means)
-        count, pending, t0, seen = 0, None, time.time(), 0
-
-        def take(metrics, it):  # fetch one step's metrics (checks the loss) into both sums
-            nonlocal count
-            for k, v in _accumulate(sums, metrics, epoch, it).items():
-                interval[k] = interval.get(k, 0.0) + v
-            interval["_n"] = interval.get("_n", 0) + 1
-            count += 1
-
+                self.data.target_paths, pipeline.UniformSampler(len(self.data.target_paths)),
+                config.grl.target_batch_size, self.target_augment, seed=epoch_seed(config.seed, epoch, 1),
+                start_step=start, process_index=pid, process_count=pcount, num_workers=config.data.num_workers)
+        coeff = grl_coefficient(epoch, t.epochs, config.grl.gamma) if config.grl.enabled else 0.0
         for it in range(start, t.iterations_per_epoch):
             local = next(source)
             batch = {"image": local["image"], "label": local["label"]}
             if target is not None:
                 batch["target_image"] = next(target)["image"]
-            batch = parallel.global_batch(batch, trainer.mesh)
             if config.grl.enabled and config.grl.schedule == "step":
                 total = t.epochs * t.iterations_per_epoch
                 coeff = float(grl_schedule((epoch * t.iterations_per_epoch + it) / total, config.grl.gamma))
-            state, metrics = step_fn(state, batch, jnp.float32(coeff))
-            if pending is not None:  # check the previous step while this one runs
-                take(pending, it - 1)
-            pending = metrics
-            seen += t.batch_size + (config.grl.target_batch_size if target is not None else 0)
-            step = int(epoch * t.iterations_per_epoch + it + 1)
-            if step % t.log_every == 0:  # the mean of every step since the last record
-                take(pending, it)
-                pending = None
-                n = interval.pop("_n")
-                trainer.logger.write("train", step, epoch=epoch, images_per_s=seen / (time.time() - t0),
-                                     lr=t.lr, classifiers_lr=t.classifiers_lr, grl_lr=config.grl.lr,
-                                     steps_averaged=n, **{k: v / n for k, v in interval.items()})
-                interval.clear()
-            if step % t.checkpoint_every == 0 and it + 1 < t.iterations_per_epoch:
-                if pending is not None:
-                    take(pending, it)
-                    pending = None
-                classifiers[group] = _to_host_classifier(state)
-                trainer.checkpointer.save(state, classifiers, dict(progress, epoch=epoch, step_in_epoch=it + 1),
-                                          trainer.model_cfg, config)
-        if pending is not None:
-            take(pending, t.iterations_per_epoch - 1)
-        seconds = time.time() - t0
-        classifiers[group] = _to_host_classifier(state)
-        val = trainer.recall(state, trainer.val_split, config.data.val_queries)
-        val_r = val["results"][0]["recall"]
-        epoch_metrics = {k: v / max(count, 1) for k, v in sums.items()}
-        epoch_metrics.update({"val/R@1": val_r["1"], "val/R@5": val_r["5"], "grl_coeff": coeff,
-                              "images_per_s": seen / max(seconds, 1e-9), "group": group})
-        evaluated.setdefault(epoch, {})["val"] = val
-        epoch_metrics.update(monitor(f"epoch {epoch + 1}", state, epoch))
-        is_best = val_r["1"] > progress["best_recall"]
-        if is_best:
-            progress.update(best_recall=val_r["1"], best_epoch=epoch)
-        progress.update(epoch=epoch + 1, step_in_epoch=0)
-        trainer.logger.write("epoch", int(state.step), epoch=epoch, **epoch_metrics)
-        trainer.checkpointer.save(state, classifiers, progress, trainer.model_cfg, config, is_best=is_best)
-        logging.info("epoch %d: %s", epoch, json.dumps({k: round(float(v), 4) for k, v in epoch_metrics.items()}))
-        trainer.say(f"epoch {epoch + 1}/{t.epochs}: cosface {epoch_metrics.get('cosface_loss', float('nan')):.3f}"
-              + (f", domain {epoch_metrics['domain_loss']:.3f}, disc acc {100 * epoch_metrics['disc_accuracy']:.1f}%"
-                 f", GRL coeff {coeff:.3f}" if config.grl.enabled else "")
-              + f", val R@1 {val_r['1']:.1f} R@5 {val_r['5']:.1f}, {epoch_metrics['images_per_s']:.1f} img/s")
+            yield batch, (jnp.float32(coeff),)
 
-    # test with the best model
-    best_variables = trainer.checkpointer.load_best_variables(trainer.model_cfg)
-    if best_variables is None:
-        best_variables = trainer.variables(state)
-    describe = trainer.describer.bind(best_variables)
-    results = {"best_epoch": progress["best_epoch"], "best_val_recall@1": progress["best_recall"], "test": {}}
-    best = evaluated.get(progress["best_epoch"], {})
-    results["val"] = best.get("val") or ev.evaluate_split(
-        describe, trainer.val_split, config.data.val_queries, trainer.thresholds, trainer.eval_resize,
-        batch_size=config.eval.batch_size, num_workers=config.data.num_workers, progress=False)
-    test_dir = fmt.resolve_folder(trainer.root, config.data.test_split, "Test")
-    queries_list = [q for q in str(config.data.test_queries).split(",") if q]
-    splits = [(fmt.read_split(test_dir, queries), queries) for queries in queries_list]
-    todo = [(split, q) for split, q in splits if (str(split.database.root), q) not in best]
-    described = iter(ev.evaluate_query_sets(describe, todo, trainer.thresholds, trainer.eval_resize,
-                                            batch_size=config.eval.batch_size, num_workers=config.data.num_workers))
-    tests = [best.get((str(split.database.root), q)) or next(described) for split, q in splits]
-    for (split, queries), res in zip(splits, tests):
-        results["test"][queries] = res
-        trainer.say(ev.format_table(res["results"], f"test {split.name}/{queries} (best epoch {progress['best_epoch'] + 1})"))
-    if trainer.is_main:
-        ev.atomic_write_text(workdir / "results.json", json.dumps(results, indent=2) + "\n")
-        plot_run(workdir)
-    trainer.logger.close()
-    trainer.checkpointer.close()
-    return results
+    def log_extras(self) -> dict:
+        t = self.config.train
+        return {"lr": t.lr, "classifiers_lr": t.classifiers_lr, "grl_lr": self.config.grl.lr}
+
+    def epoch_summary(self, m: dict) -> str:
+        text = f"cosface {m.get('cosface_loss', float('nan')):.3f}"
+        if self.config.grl.enabled:
+            text += (f", domain {m['domain_loss']:.3f}, disc acc {100 * m['disc_accuracy']:.1f}%"
+                     f", GRL coeff {m['grl_coeff']:.3f}")
+        return text
+
+
+def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Runs (or resumes) a CosPlace/GRL training in ``workdir`` and returns the final results."""
+    return CosPlaceTrainer(config, workdir).fit()
 
 
 def _to_host_classifier(state: TrainState) -> dict:
     """The group's classifier and its Adam state as host numpy (gathered if sharded over processes)."""
     return {"weight": parallel.to_host(state.classifier), "opt": parallel.to_host(state.classifier_opt)}
-
-
-def _accumulate(sums: dict, metrics, epoch: int, it: int) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
-        raise NonFiniteLossError(
-            f"The loss became {values['loss']} at epoch {epoch}, iteration {it} ({values}). Training stopped; "
-            "the checkpoints already written are intact (the last good one is the latest in <workdir>/checkpoints). "
-            "Lower the learning rates (train.lr, train.classifiers_lr, grl.lr) or grl.weight, and resume.")
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + v
-    return values
-
-
-def print_monitor_table(table: list[tuple[str, dict]], chance: dict | None = None) -> None:
-    keys = list(table[0][1])
-    header = f"{'':>16} | " + " | ".join(f"{k:>18}" for k in keys)
-    print("\n" + header + "\n" + "-" * len(header))
-    for label, row in table + ([("chance level", chance)] if chance else []):
-        print(f"{label:>16} | " + " | ".join(f"{row.get(k, float('nan')):18.1f}" for k in keys))
-    print(flush=True)
