@@ -27,6 +27,7 @@ from jaxvpr.train.config import cosplace_config
 def get_config():
     c = cosplace_config()
     c.data.synthetic_preset = "small"
+    c.data.synthetic_domains = "night"  # the demos' target; the city's other domains render when asked for
     c.data.image_size = 80
     c.data.num_workers = 0
     c.data.test_queries = ""  # the demo evaluates the baseline on the test queries (its "start" row)

@@ -12,11 +12,14 @@ and after every epoch, with chance levels, and writes training.png.
 
 Settings: the recipe's (partial mining, 10 hardest negatives among 1000 sampled database images,
 margin 0.1 on L2 distances, batch 4 x 12 images, layer3 + layer4 trained as CosPlace/EigenPlaces)
-with, for the 2-core budget: Adam 1e-4 (thesis 1e-5, for thousands of steps), 3 epochs of 200
-queries (one cache refresh, 50 steps each), 96 px random crops of the 128 px images for training
-(the fork: shorter side 360 then a random 360 crop) and native 128 px for evaluation; (hard, soft)
-thresholds (5, 10) m, one of the thesis' pairs (the floors span ~45 m: with 25 m almost every image
-is a soft positive). Model selection: R@1 at 10 m on the validation floor.
+with, for the 2-core budget: 3 epochs of 200 queries (one cache refresh, 50 steps each), 96 px
+random crops of the 128 px images for training (the fork: shorter side 360 then a random 360 crop)
+and native 128 px for evaluation; (hard, soft) thresholds (5, 10) m, one of the thesis' pairs (the
+floors span ~45 m: with 25 m almost every image is a soft positive). Model selection: R@1 at 10 m
+on the validation floor. Adam 1e-3 (thesis 1e-5, for thousands of steps) was chosen on that
+validation floor (best epoch, seed 0): 1e-4 -> 41.0, 1e-3 -> 45.0 R@1 at 10 m; every stage trained
+at 1e-3 was worse (37.5 at 96 px evaluation) and twice as slow. The test floors are evaluated
+before training and with the best model only (``train.monitor_epochs=False``).
 """
 
 from jaxvpr.train.config import triplet_config
@@ -39,7 +42,7 @@ def get_config():
     c.model.init_checkpoint = "config:demo_baseline"  # trained on first use, cached
 
     c.train.epochs = 3
-    c.train.lr = 1e-4
+    c.train.lr = 1e-3
     c.train.queries_per_epoch = "200"
     c.train.cache_refresh_rate = 0
     c.train.train_positives_dist_threshold = 5.0
@@ -51,5 +54,6 @@ def get_config():
     c.train.checkpoint_every = 1000
     c.train.eval_before_training = True
     c.train.eval_random_init = True
+    c.train.monitor_epochs = False  # test floors before training and with the best model; val every epoch
     c.eval.batch_size = 64
     return c

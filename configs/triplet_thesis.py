@@ -75,6 +75,8 @@ def get_config(arg: str = "eigenplaces,GB1,10_25,separated") -> ConfigDict:
     c.data.val_split = DATASETS[val]
     c.data.test_splits = ",".join(DATASETS[k] for k in tests)
     c.model.name, size = MODELS[model]
+    if model == "salad":
+        c.model.dropout = 0.3  # SALAD's class default, left active by its training script and the fork
     c.data.train_resize = size
     c.data.train_crop = size
     c.data.eval_resize = str(size)

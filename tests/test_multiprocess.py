@@ -129,6 +129,59 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     _assert_same(a, c)
 
 
+# The triplet demo (indoor floors, mined triplets) cut down to a few steps of a small network.
+TRIPLET_OVERRIDES = [
+    "--config", "configs/triplet_demo.py",
+    "--config.data.synthetic_preset=indoor_tiny",
+    "--config.data.val_split=mall_b1",
+    "--config.data.test_splits=station_b2",
+    "--config.data.monitor=()",
+    "--config.data.train_crop=48",
+    "--config.data.image_size=48",
+    "--config.data.eval_resize=64",
+    "--config.model.backbone=resnet18conv4",
+    "--config.model.head=gem",
+    "--config.model.fc_output_dim=64",
+    "--config.model.init_checkpoint=",
+    "--config.model.train_all_layers=True",
+    "--config.train.epochs=2",
+    "--config.train.queries_per_epoch=16",
+    "--config.train.cache_refresh_rate=8",
+    "--config.train.neg_samples_num=100",
+    "--config.train.eval_before_training=False",
+    "--config.train.eval_random_init=False",
+]
+
+
+@pytest.mark.slow
+def test_two_processes_mine_and_train_triplets_like_one(tmp_path, tiny_indoor):
+    """Every process mines the same triplets (descriptors gathered across processes) and the
+    2-process run ends with the parameters and test recalls of one process on as many devices."""
+    env = _env(JAXVPR_CACHE=str(Path(tiny_indoor).parent))
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "jaxvpr.main", *TRIPLET_OVERRIDES, "--workdir", str(one)],
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=REPO,
+                       timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "2", "--devices-per-process", "2",
+                        "--port", str(_free_port()), *TRIPLET_OVERRIDES, "--workdir", str(two)],
+                       env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("epoch 2/2") == 1, "only process 0 prints"
+    step_1, a = _params(one)
+    step_2, b = _params(two)
+    assert step_1 == step_2 == 8
+    _assert_same(a, b, steps=8)
+    epochs = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(l)["kind"] == "epoch"]
+    for ea, eb in zip(epochs(one), epochs(two), strict=True):
+        assert ea["triplet_loss"] == pytest.approx(eb["triplet_loss"], rel=1e-4)
+    ra = json.loads((one / "results.json").read_text())["test"]["queries"]["results"]
+    rb = json.loads((two / "results.json").read_text())["test"]["queries"]["results"]
+    assert [x["recall"] for x in ra] == pytest.approx([x["recall"] for x in rb], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_two_process_evaluation_gives_the_same_recalls(tmp_path, tiny_city):
     split = Path(tiny_city) / "images" / "test"

@@ -8,6 +8,7 @@ statistics (brightness, contrast, retrieval with a fixed colour descriptor + fai
 """
 
 import glob
+import json
 import math
 import os
 import pathlib
@@ -415,3 +416,29 @@ def test_domain_gap_is_real(city_root):
     assert day >= chance + 0.2 and day >= 2.0 * chance
     assert night <= day - 0.2
     assert night <= chance + 0.1
+
+
+def test_target_domains_render_on_demand_with_the_same_images(city_root, tmp_path):
+    """A city made with only `night` holds no other domain folder; asking for `rain` later adds it;
+    every image equals the one of the city generated with all domains at once."""
+    root = synthetic.ensure_city("tiny", seed=0, cache_dir=tmp_path, domains="night")
+    folders = {p.relative_to(root / "images").as_posix() for p in (root / "images").glob("*/*") if p.is_dir()}
+    assert {"test/queries_night", "val/queries_night", "target/night"} <= folders
+    others = {f"{s}/queries_{d}" for s in ("val", "test") for d in synthetic.DOMAINS if d != "night"}
+    others |= {f"target/{d}" for d in synthetic.DOMAINS if d != "night"}
+    assert not folders & others, folders & others
+    assert synthetic.generated_domains(root) == ("night",)
+    again = synthetic.ensure_city("tiny", seed=0, cache_dir=tmp_path, domains=["rain", "night"])
+    assert again == root and synthetic.generated_domains(root) == ("night", "rain")
+    meta = json.loads((root / "city.json").read_text())
+    assert meta["counts"]["target/rain"] == len(list((root / "images/target/rain").iterdir()))
+    assert meta["total_images"] == sum(meta["counts"].values())
+    for folder in ("test/queries_night", "target/night", "test/queries_rain", "val/queries_rain", "train/database"):
+        names = sorted(p.name for p in (root / "images" / folder).iterdir())
+        assert names == sorted(p.name for p in (city_root / "images" / folder).iterdir()), folder
+        for name in names[:: max(1, len(names) // 5)]:
+            assert (root / "images" / folder / name).read_bytes() == (city_root / "images" / folder / name).read_bytes()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(ValueError, match="unknown target domain"):
+        synthetic.ensure_city("tiny", seed=0, cache_dir=tmp_path, domains="dusk")
+    assert synthetic.parse_domains("") == synthetic.DOMAINS

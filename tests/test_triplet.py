@@ -208,7 +208,11 @@ def test_every_cell_of_the_thesis_grid_has_a_config():
         "gangnam_b1,hyundai_b1", "hyundai_4f", "gangnam_b2,hyundai_1f,baidu_mall")
     assert (c.train.train_positives_dist_threshold, c.train.val_positive_dist_threshold) == (2.0, 5.0)
     assert c.train.queries_per_epoch == "1000" and c.train.multi_dataset == "aggregated"
-    assert module.get_config("salad,GB1,5_10,separated").data.train_crop == 322
+    salad = module.get_config("salad,GB1,5_10,separated")
+    assert salad.data.train_crop == 322 and salad.model.dropout == 0.3
+    from jaxvpr.train.loop import run_model_config
+
+    assert run_model_config(salad).dropout == 0.3 and run_model_config(salad).trainable_stages == 4
     with pytest.raises(ValueError, match="SPLIT"):
         module.get_config("eigenplaces,GB9,5_10,separated")
 

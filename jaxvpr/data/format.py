@@ -277,11 +277,13 @@ def aggregate_utm(utms: list[np.ndarray], offset_m: float = 1e5) -> list[np.ndar
     return shifted
 
 
-def dataset_root(root: str = "", synthetic_preset: str = "", synthetic_seed: int = 0) -> Path:
+def dataset_root(root: str = "", synthetic_preset: str = "", synthetic_seed: int = 0,
+                 synthetic_domains: str = "") -> Path:
     """The dataset root: ``root``, else ``$JAXVPR_DATA``, else the synthetic city of ``synthetic_preset``
     (generated on first use, see ``jaxvpr.data.synthetic.ensure_city``); a preset named ``indoor_*``
     gives the synthetic indoor floors instead (``jaxvpr.data.synthetic_indoor.ensure_indoor``: one
-    ``<root>/<floor>/{database,queries}`` dataset per floor)."""
+    ``<root>/<floor>/{database,queries}`` dataset per floor). ``synthetic_domains`` ("" = all) names the
+    street city's target domains the run needs; the others are rendered only when asked for."""
     root = root or os.environ.get("JAXVPR_DATA", "")
     if root:
         path = Path(root).expanduser()
@@ -295,7 +297,7 @@ def dataset_root(root: str = "", synthetic_preset: str = "", synthetic_seed: int
     if synthetic_preset:
         from jaxvpr.data.synthetic import ensure_city
 
-        return Path(ensure_city(preset=synthetic_preset, seed=synthetic_seed))
+        return Path(ensure_city(preset=synthetic_preset, seed=synthetic_seed, domains=synthetic_domains or None))
     raise DatasetError(
         "No dataset: set config.data.root (or $JAXVPR_DATA) to a folder in the community layout, or "
         "config.data.synthetic_preset=small to use the synthetic city."

@@ -45,8 +45,9 @@ Cameras:
 Headings follow SF-XL: degrees in [0, 360), 0 = north, 90 = east, clockwise.
 
 Usage:
-    python -m jaxvpr.data.synthetic --out DIR --preset tiny --seed 0
+    python -m jaxvpr.data.synthetic --out DIR --preset tiny --seed 0 [--domains night,rain]
     root = ensure_city("small", seed=0)     # cached under $JAXVPR_CACHE or ~/.cache/jaxvpr
+    root = ensure_city("small", domains="night")  # only the night target folders (others on demand)
 """
 
 from __future__ import annotations
@@ -402,14 +403,21 @@ def pedestrian_cameras(city: City, district: str, n: int, rng: np.random.Generat
             heading = street_heading + rng.choice([0.0, 180.0]) + rng.normal(0.0, q["heading_sd"])
         else:
             heading = rng.uniform(0.0, 360.0)
-        mu, sd, lim = q["pitch"]
-        pitch = float(np.clip(rng.normal(mu, sd), -lim, lim))
-        mu, sd, lim = q["roll"]
-        roll = float(np.clip(rng.normal(mu, sd), -lim, lim))
-        cams.append(Camera(x=float(x), y=float(y), height=float(rng.uniform(*q["height"])),
-                           heading=float(heading % 360.0), pitch=pitch, roll=roll,
-                           hfov=float(rng.uniform(*q["hfov"])), resolution=resolution))
+        cams.append(handheld_camera(x, y, heading, rng, q, resolution))
     return cams
+
+
+def handheld_camera(x: float, y: float, heading: float, rng: np.random.Generator, spec: dict,
+                    resolution: int) -> Camera:
+    """A phone held by a pedestrian at (x, y) looking towards ``heading`` (deg): pitch and roll
+    ~N(mu, sd) clipped to +-limit, height and field of view uniform in ``spec``'s ranges (deg, m)."""
+    mu, sd, lim = spec["pitch"]
+    pitch = float(np.clip(rng.normal(mu, sd), -lim, lim))
+    mu, sd, lim = spec["roll"]
+    roll = float(np.clip(rng.normal(mu, sd), -lim, lim))
+    height = float(rng.uniform(*spec["height"]))
+    return Camera(x=float(x), y=float(y), height=height, heading=float(heading % 360.0), pitch=pitch, roll=roll,
+                  hfov=float(rng.uniform(*spec["hfov"])), resolution=resolution)
 
 
 def occluder(camera: Camera, rng: np.random.Generator) -> tuple[Boxes | None, dict | None]:
@@ -537,6 +545,26 @@ def plan_jobs(city: City, preset: dict, seed: int, resolution: int) -> list[Job]
     return jobs
 
 
+def job_domain(job: Job) -> str:
+    """The appearance domain of a job's folder: ``test/queries_night`` and ``target/night`` -> night."""
+    last = job.folder.split("/")[-1]
+    for domain in DOMAINS:
+        if last in (domain, f"queries_{domain}"):
+            return domain
+    return SOURCE_DOMAIN
+
+
+def parse_domains(domains) -> tuple[str, ...]:
+    """``None``/``""``/"all" -> every domain; ``"night,rain"`` or a sequence -> those (checked)."""
+    if domains is None or (isinstance(domains, str) and domains.strip() in ("", "all")):
+        return DOMAINS
+    names = [d.strip() for d in domains.split(",")] if isinstance(domains, str) else list(domains)
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown target domain(s) {unknown}: choose among {', '.join(DOMAINS)}")
+    return tuple(d for d in DOMAINS if d in names)
+
+
 def check_jobs(jobs: list[Job]) -> None:
     """Generator invariants: unique names, and every val/test query within 25 m of a database image."""
     names = collections.Counter((j.folder, j.name) for j in jobs)
@@ -607,52 +635,91 @@ def _resolve_preset(preset: str) -> dict:
     return PRESETS[preset]
 
 
+@contextlib.contextmanager
+def atomic_output_dir(out_dir, overwrite: bool = False):
+    """Yields a temporary sibling folder of ``out_dir``, renamed to ``out_dir`` when the block completes.
+
+    An interrupted generation never leaves a folder that looks complete (the temporary one is
+    removed). An existing non-empty ``out_dir`` is an error unless ``overwrite``.
+    """
+    out = pathlib.Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: remove it, choose another --out, or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if out.exists():
+            if overwrite:
+                shutil.rmtree(out)
+            else:
+                out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render_jobs(jobs: list, render, init, initargs: tuple, workers: int | None, verbose: bool = False,
+                every: int = 500) -> None:
+    """Runs ``render(job)`` for every job, in ``workers`` processes (default min(2, cores)) each set up
+    by ``init(*initargs)``, or in this process (one worker, or inside a daemonic process)."""
+    t0 = time.time()
+    n_workers = int(workers or min(2, os.cpu_count() or 1))
+    if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
+        n_workers = 1
+    pool = None
+    if n_workers <= 1:
+        init(*initargs)
+        results = map(render, jobs)
+    else:
+        pool = _pool_context().Pool(n_workers, initializer=init, initargs=initargs)
+        results = pool.imap_unordered(render, jobs, chunksize=16)
+    try:
+        for k, _ in enumerate(results):
+            if verbose and k % every == 0:
+                print(f"  {k}/{len(jobs)} images, {time.time() - t0:.0f} s", flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
 def generate_city(out_dir, preset: str = "tiny", seed: int = 0, resolution: int | None = None,
-                  workers: int | None = None, overwrite: bool = False, verbose: bool = False) -> pathlib.Path:
+                  workers: int | None = None, overwrite: bool = False, verbose: bool = False,
+                  domains=None) -> pathlib.Path:
     """Generate the dataset into `out_dir` and return it.
 
     Writes into a temporary sibling folder, then renames it to `out_dir`, so an
     interrupted run never leaves a folder that looks complete. `resolution` (pixels,
     square images) defaults to the preset's; `workers` (processes) to min(2, cores).
-    An existing non-empty `out_dir` is an error unless `overwrite=True`.
+    An existing non-empty `out_dir` is an error unless `overwrite=True`. `domains`
+    (default all of DOMAINS) limits the target-domain folders (`val/queries_<d>`,
+    `test/queries_<d>`, `target/<d>`) to those domains; :func:`add_domains` adds the
+    others later. Every image is the same whichever domains are generated with it.
     """
     p = _resolve_preset(preset)
     res = int(resolution or p["resolution"])
     if res < 16:
         raise ValueError(f"resolution must be >= 16 pixels, got {res}")
     out = pathlib.Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: remove it, choose another --out, or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.time()
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         city = build_city(p, seed)
         jobs = plan_jobs(city, p, seed, res)
         check_jobs(jobs)
+        wanted = parse_domains(domains)
+        jobs = [j for j in jobs if job_domain(j) in (SOURCE_DOMAIN, *wanted)]
         for folder in sorted({j.folder for j in jobs}):
             (tmp / "images" / folder).mkdir(parents=True, exist_ok=True)
-        n_workers = int(workers or min(2, os.cpu_count() or 1))
-        if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
-            n_workers = 1
         ordered = sorted(jobs, key=lambda j: j.layer)  # fewer clutter layers per worker
-        if n_workers <= 1:
-            _init_worker(city, seed, str(tmp / "images"))
-            for k, j in enumerate(ordered):
-                _render_job(j)
-                if verbose and k % 500 == 0:
-                    print(f"  {k}/{len(jobs)} images, {time.time() - t0:.0f} s", flush=True)
-        else:
-            with _pool_context().Pool(n_workers, initializer=_init_worker,
-                                      initargs=(city, seed, str(tmp / "images"))) as pool:
-                for k, _ in enumerate(pool.imap_unordered(_render_job, ordered, chunksize=16)):
-                    if verbose and k % 500 == 0:
-                        print(f"  {k}/{len(jobs)} images, {time.time() - t0:.0f} s", flush=True)
+        render_jobs(ordered, _render_job, _init_worker, (city, seed, str(tmp / "images")), workers, verbose)
         counts = dict(sorted(collections.Counter(j.folder for j in jobs).items()))
         train_names = [j.name for j in jobs if j.folder == "train/database"]
         meta = {
             "generator": "jaxvpr.data.synthetic", "version": VERSION, "preset": preset, "seed": seed,
             "resolution": res, "preset_params": p, "domains": list(DOMAINS), "source_domain": SOURCE_DOMAIN,
+            "domains_generated": list(wanted),
             "utm": {"zone_number": ZONE_NUMBER, "zone_letter": ZONE_LETTER, "origin_east": ORIGIN_EAST,
                     "origin_north": ORIGIN_NORTH},
             "districts_utm": {k: {"east": [ORIGIN_EAST + v[0], ORIGIN_EAST + v[1]],
@@ -670,15 +737,6 @@ def generate_city(out_dir, preset: str = "tiny", seed: int = 0, resolution: int 
             "train_images_per_class": images_per_class(train_names),
         }
         (tmp / "city.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            if overwrite:
-                shutil.rmtree(out)
-            else:
-                out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"wrote {len(jobs)} images to {out} in {time.time() - t0:.1f} s", flush=True)
     return out
@@ -709,30 +767,86 @@ def file_lock(path: pathlib.Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def generated_domains(root: pathlib.Path) -> tuple[str, ...]:
+    """The target domains a generated city holds (cities written before lazy domains hold all)."""
+    meta = json.loads((pathlib.Path(root) / "city.json").read_text())
+    return tuple(meta.get("domains_generated", meta.get("domains", DOMAINS)))
+
+
+def add_domains(root, domains, workers: int | None = None, verbose: bool = False) -> None:
+    """Renders the missing target-domain folders of ``domains`` into the generated city ``root``.
+
+    The new folders are rendered into a temporary sibling and moved in one by one; ``city.json``
+    (rewritten atomically, last) only then lists the domains, so an interrupted call leaves a city
+    that says what it holds. Callers hold the city's lock (:func:`ensure_city` does).
+    """
+    root = pathlib.Path(root)
+    meta = json.loads((root / "city.json").read_text())
+    have = generated_domains(root)
+    missing = [d for d in parse_domains(domains) if d not in have]
+    if not missing:
+        return
+    p, seed, res = meta["preset_params"], int(meta["seed"]), int(meta["resolution"])
+    city = build_city(p, seed)
+    jobs = [j for j in plan_jobs(city, p, seed, res) if job_domain(j) in missing]
+    tmp = root.parent / f".{root.name}.tmp-domains-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for folder in sorted({j.folder for j in jobs}):
+            (tmp / "images" / folder).mkdir(parents=True, exist_ok=True)
+        render_jobs(sorted(jobs, key=lambda j: j.layer), _render_job, _init_worker,
+                    (city, seed, str(tmp / "images")), workers, verbose)
+        for folder in sorted({j.folder for j in jobs}):
+            target = root / "images" / folder
+            if target.exists():  # left by an interrupted call: not listed in city.json, replace it
+                shutil.rmtree(target)
+            os.rename(tmp / "images" / folder, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts = collections.Counter(j.folder for j in jobs)
+    meta["counts"] = dict(sorted({**meta["counts"], **counts}.items()))
+    meta["total_images"] = int(sum(meta["counts"].values()))
+    meta["domains_generated"] = [d for d in DOMAINS if d in (*have, *missing)]
+    text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
+    tmp_json = root / f"city.json.tmp{os.getpid()}"
+    tmp_json.write_text(text)
+    os.replace(tmp_json, root / "city.json")
+
+
 def ensure_city(preset: str = "small", seed: int = 0, cache_dir=None, resolution: int | None = None,
-                workers: int | None = None, verbose: bool = False) -> pathlib.Path:
+                workers: int | None = None, verbose: bool = False, domains=None) -> pathlib.Path:
     """Dataset root of (preset, seed, resolution), generated on first use and cached.
 
     Lives in `cache_dir` (default: $JAXVPR_CACHE or ~/.cache/jaxvpr) under
     `city_dirname(...)`, which includes the generator VERSION. Safe when several
     processes call it at once: a lock file serialises generation, and a folder only
-    appears (atomic rename) once complete.
+    appears (atomic rename) once complete. `domains` (default: all) names the target
+    domains the caller needs; a city generated with fewer gets the missing ones added
+    (the demo needs only `night`: the other five domains' 5,500 images of the `small`
+    city are rendered when something asks for them).
     """
     p = _resolve_preset(preset)
     res = int(resolution or p["resolution"])
+    wanted = parse_domains(domains)
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / city_dirname(preset, seed, res)
-    if (final / "city.json").is_file():
+
+    def complete() -> bool:
+        return (final / "city.json").is_file() and set(wanted) <= set(generated_domains(final))
+
+    if complete():
         return final
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / (final.name + ".lock")):
+        if complete():
+            return final
         if (final / "city.json").is_file():
+            add_domains(final, wanted, workers=workers, verbose=verbose)
             return final
         if final.exists():  # a folder without city.json is not ours to trust: regenerate it
             shutil.rmtree(final)
         for stale in root.glob(f".{final.name}.tmp-*"):  # left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
-        generate_city(final, preset, seed, res, workers=workers, verbose=verbose)
+        generate_city(final, preset, seed, res, workers=workers, verbose=verbose, domains=wanted)
     return final
 
 
@@ -745,8 +859,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="image side in pixels (default: the preset's, 128)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--domains", default="", help=f"target domains to render, comma-separated (default all: "
+                                                       f"{','.join(DOMAINS)})")
     args = parser.parse_args(argv)
-    out = generate_city(args.out, args.preset, args.seed, args.resolution, args.workers, args.overwrite, verbose=True)
+    try:
+        domains = parse_domains(args.domains)
+    except ValueError as e:
+        parser.error(str(e))
+    out = generate_city(args.out, args.preset, args.seed, args.resolution, args.workers, args.overwrite, verbose=True,
+                        domains=domains)
     meta = json.loads((out / "city.json").read_text())
     for folder, count in meta["counts"].items():
         print(f"  images/{folder}: {count}")

@@ -63,13 +63,10 @@ import collections
 import dataclasses
 import json
 import math
-import multiprocessing
-import os
 import pathlib
 import shutil
 import sys
 import time
-import uuid
 import zlib
 
 import numpy as np
@@ -81,11 +78,13 @@ from jaxvpr.data.render import FACADE, POLE, Boxes, Camera, City, Style, render_
 from jaxvpr.data.synthetic import (
     _building_table,
     _people,
-    _pool_context,
     _rng,
+    atomic_output_dir,
     default_cache_dir,
     file_lock,
+    handheld_camera,
     image_name,
+    render_jobs,
 )
 
 VERSION = 1  # bump whenever the generated images change (it names the cache folder)
@@ -448,13 +447,7 @@ def phone_cameras(floor: Floor, n: int, rng: np.random.Generator, resolution: in
             heading = 90.0 * axis + rng.choice([0.0, 180.0]) + rng.normal(0.0, q["heading_sd"])
         else:
             heading = rng.uniform(0.0, 360.0)
-        mu, sd, lim = q["pitch"]
-        pitch = float(np.clip(rng.normal(mu, sd), -lim, lim))
-        mu, sd, lim = q["roll"]
-        roll = float(np.clip(rng.normal(mu, sd), -lim, lim))
-        cams.append(Camera(x=float(x), y=float(y), height=float(rng.uniform(*q["height"])),
-                           heading=float(heading % 360.0), pitch=pitch, roll=roll,
-                           hfov=float(rng.uniform(*q["hfov"])), resolution=resolution))
+        cams.append(handheld_camera(x, y, heading, rng, q, resolution))
     return cams
 
 
@@ -643,12 +636,8 @@ def generate_indoor(out_dir, preset: str = "indoor_tiny", seed: int = 0, resolut
     if res < 16:
         raise ValueError(f"resolution must be >= 16 pixels, got {res}")
     out = pathlib.Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: remove it, choose another --out, or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.time()
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         floors = {name: build_floor(name, p, seed) for name in p["floors"]}
         jobs, layers = [], {}
         for name, floor in floors.items():
@@ -658,26 +647,8 @@ def generate_indoor(out_dir, preset: str = "indoor_tiny", seed: int = 0, resolut
         check_jobs(jobs, floors)
         for folder in sorted({j.folder for j in jobs}):
             (tmp / folder).mkdir(parents=True, exist_ok=True)
-        n_workers = int(workers or min(2, os.cpu_count() or 1))
-        if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
-            n_workers = 1
         ordered = sorted(jobs, key=lambda j: (j.floor, j.layer))  # fewer people layers per worker
-        args = (floors, layers, seed, str(tmp))
-        if n_workers <= 1:
-            _init_worker(*args)
-            results = map(_render_job, ordered)
-            pool = None
-        else:
-            pool = _pool_context().Pool(n_workers, initializer=_init_worker, initargs=args)
-            results = pool.imap_unordered(_render_job, ordered, chunksize=16)
-        try:
-            for k, _ in enumerate(results):
-                if verbose and k % 1000 == 0:
-                    print(f"  {k}/{len(jobs)} images, {time.time() - t0:.0f} s", flush=True)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
+        render_jobs(ordered, _render_job, _init_worker, (floors, layers, seed, str(tmp)), workers, verbose, every=1000)
         meta = {
             "generator": "jaxvpr.data.synthetic_indoor", "version": VERSION, "preset": preset, "seed": seed,
             "resolution": res, "preset_params": p, "rig_camera": RIG_CAMERA, "phone_camera": PHONE_CAMERA,
@@ -687,15 +658,6 @@ def generate_indoor(out_dir, preset: str = "indoor_tiny", seed: int = 0, resolut
                        for name, floor in floors.items()},
         }
         (tmp / "indoor.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            if overwrite:
-                shutil.rmtree(out)
-            else:
-                out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"wrote {len(jobs)} images to {out} in {time.time() - t0:.1f} s", flush=True)
     return out

@@ -24,6 +24,7 @@ def cosplace_config() -> ConfigDict:
     c.data.root = ""
     c.data.synthetic_preset = ""       # "tiny" | "small": generate/use the synthetic city
     c.data.synthetic_seed = 0
+    c.data.synthetic_domains = ""      # the synthetic city's target domains to render ("" all; e.g. "night")
     c.data.train_folder = "images/train/database"
     c.data.val_split = "images/val"    # holds database/ and the val queries folder
     c.data.val_queries = "queries"
@@ -150,6 +151,7 @@ def triplet_config() -> ConfigDict:
     c.model.init_checkpoint = ""       # converted hub weights or a jaxvpr run ("config:NAME": trained on first use)
     c.model.fc_output_dim = 0
     c.model.trainable_stages = -1      # -1: the paper's policy (EigenPlaces layer3+4; SALAD the last 4 blocks)
+    c.model.dropout = -1.0             # SALAD head dropout in training; -1: the model's (0 for inference)
     c.model.train_all_layers = False
     c.model.allow_random_frozen = False
 
@@ -174,6 +176,7 @@ def triplet_config() -> ConfigDict:
     c.train.log_every = 50
     c.train.eval_before_training = False
     c.train.eval_random_init = False
+    c.train.monitor_epochs = True      # evaluate data.monitor after every epoch (False: before and best only)
     # Selection / early stopping: the fork's rule, R@5 at its first test threshold (1 m), patience 3.
     c.train.select_recall = 5
     c.train.select_distance_m = 0.0    # 0: the first of eval.thresholds

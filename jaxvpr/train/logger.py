@@ -53,6 +53,9 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+LOSSES = ("cosface_loss", "domain_loss", "triplet_loss")  # whichever the recipe logs
+
+
 def plot_run(workdir: str | Path) -> Path | None:
     """``training.png``: losses and the discriminator's accuracy with the GRL coefficient per logged step
     (the picture of thesis Figs. 4.5/4.6; chance level dashed), recalls per epoch."""
@@ -68,13 +71,18 @@ def plot_run(workdir: str | Path) -> Path | None:
         return None
     panels = []  # (title, x label, records, keys)
     if steps:
-        panels.append(("loss", "step", steps, [k for k in ("cosface_loss", "domain_loss") if k in steps[0]]))
+        panels.append(("loss", "step", steps, [k for k in LOSSES if k in steps[0]]))
         panels.append(("discriminator accuracy / GRL coefficient", "step", steps,
                        [k for k in ("disc_accuracy", "grl_coeff") if k in steps[0]]))
+        panels.append(("triplets violating the margin (share)", "step", steps,
+                       [k for k in ("active_triplets",) if k in steps[0]]))
     elif epochs:
-        panels.append(("loss", "epoch", epochs, [k for k in ("cosface_loss", "domain_loss") if k in epochs[0]]))
+        panels.append(("loss", "epoch", epochs, [k for k in LOSSES if k in epochs[0]]))
     if epochs:
-        panels.append(("recall (%)", "epoch", epochs, sorted(k for k in epochs[0] if k.startswith("R@") or "/R@" in k)))
+        recalls = sorted(k for k in epochs[0] if k.startswith("R@") or "/R@" in k)
+        if len(recalls) > 8:  # many monitored sets x thresholds: the validation curves only
+            recalls = [k for k in recalls if k.startswith("val/")]
+        panels.append(("recall (%)", "epoch", epochs, recalls))
     panels = [p for p in panels if p[3]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (title, xlabel, rows, keys) in zip(axes[0], panels):

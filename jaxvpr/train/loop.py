@@ -55,6 +55,8 @@ def run_model_config(config: ConfigDict) -> ConfigDict:
     overrides = {}
     if config.model.fc_output_dim:
         overrides["fc_output_dim"] = int(config.model.fc_output_dim)
+    if config.model.get("dropout", -1.0) >= 0:
+        overrides["dropout"] = float(config.model.dropout)  # SALAD's head (the fork trains with 0.3)
     if config.model.train_all_layers:
         overrides["trainable_stages"] = None  # CosPlace's --train_all_layers
     elif config.model.trainable_stages != -1:
@@ -67,9 +69,9 @@ def run_model_config(config: ConfigDict) -> ConfigDict:
 
 
 # Fields of a model config that do not change its parameters: a checkpoint of the same architecture
-# initialises a run whatever its name or freezing policy (e.g. the converted CosPlace hub model with
+# initialises a run whatever its name, freezing policy or dropout rate (e.g. the converted CosPlace hub model with
 # --config.model.train_all_layers=True).
-_NON_ARCHITECTURE_KEYS = ("name", "trainable_stages", "image_size")
+_NON_ARCHITECTURE_KEYS = ("name", "trainable_stages", "image_size", "dropout")
 
 
 def load_init_checkpoint(path: str, model_cfg: ConfigDict, expected_variables) -> Any:
@@ -161,7 +163,8 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def data_root(config: ConfigDict) -> Path:
-    return fmt.dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
+    return fmt.dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed,
+                            config.data.get("synthetic_domains", ""))
 
 
 def recall_row(res: dict, thresholds) -> dict:
@@ -173,12 +176,21 @@ def recall_row(res: dict, thresholds) -> dict:
 
 
 def print_monitor_table(table: list[tuple[str, dict]], chance: dict | None = None) -> None:
+    """The monitored recalls so far, one row per evaluation; with many columns one block per query set."""
     keys = list(table[0][1])
-    width = max(18, *(len(k) for k in keys))
-    header = f"{'':>16} | " + " | ".join(f"{k:>{width}}" for k in keys)
-    print("\n" + header + "\n" + "-" * len(header))
-    for label, row in table + ([("chance level", chance)] if chance else []):
-        print(f"{label:>16} | " + " | ".join(f"{row.get(k, float('nan')):{width}.1f}" for k in keys))
+    groups = [keys]
+    if len(keys) > 6:  # e.g. 3 test floors x 4 thresholds: one block per floor
+        prefixes = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in keys))
+        groups = [[k for k in keys if k.rsplit("/", 1)[0] == p] for p in prefixes]
+    for group in groups:
+        short = len(groups) > 1
+        names = [k.rsplit("/", 1)[1] if short else k for k in group]
+        width = max(10, *(len(n) for n in names))
+        title = group[0].rsplit("/", 1)[0] if short else ""
+        header = f"{title:>16} | " + " | ".join(f"{n:>{width}}" for n in names)
+        print("\n" + header + "\n" + "-" * len(header))
+        for label, row in table + ([("chance level", chance)] if chance else []):
+            print(f"{label:>16} | " + " | ".join(f"{row.get(k, float('nan')):{width}.1f}" for k in group))
     print(flush=True)
 
 
@@ -453,7 +465,8 @@ class Trainer:
             epoch_metrics = {k: v / max(count, 1) for k, v in sums.items()}
             epoch_metrics.update({f"val/{k}": v for k, v in recall_row(val, self.thresholds).items()})
             epoch_metrics.update({"val/selection": selected, "images_per_s": seen / max(seconds, 1e-9)})
-            epoch_metrics.update(monitor(f"epoch {epoch + 1}", self.variables(state), epoch))
+            if t.get("monitor_epochs", True):
+                epoch_metrics.update(monitor(f"epoch {epoch + 1}", self.variables(state), epoch))
             is_best = selected > progress["best_recall"]
             if is_best:
                 progress.update(best_recall=selected, best_epoch=epoch, bad_epochs=0)
@@ -472,7 +485,18 @@ class Trainer:
 
         # 4. test with the best model
         results = self.final_results(state, progress, evaluated)
-        results["monitor"] = table  # [label, {set/recall: value}] rows: before training, each epoch
+        if table:  # the monitored sets that were also tested, with the best model: the "after" row
+            tested = {(r["dataset"], r["queries_folder"]): r for r in results["test"].values()}
+            row = {}
+            for name, split in monitors:
+                res = tested.get((split.name, name.split("/")[-1]))
+                if res is not None:
+                    row.update({f"{name}/{k}": v for k, v in recall_row(res, self.thresholds).items()})
+            if row.keys() == table[0][1].keys():
+                table.append((f"best (epoch {progress['best_epoch'] + 1})", row))
+                if self.is_main:
+                    print_monitor_table(table, chance)
+        results["monitor"] = table  # [label, {set/recall: value}] rows: before training, epochs, best
         if self.is_main:
             ev.atomic_write_text(workdir / "results.json", json.dumps(results, indent=2) + "\n")
             plot_run(workdir)
