@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from typing import Any
@@ -172,6 +173,19 @@ def load_training_sets(config: ConfigDict, root) -> list[TrainingSet]:
                  np.concatenate(db_utm), np.concatenate(q_utm), min(qpe))]
 
 
+def check_same_on_every_process(array: np.ndarray, what: str) -> None:
+    """Every process must train on the same triplets: they all mine from the same gathered descriptors
+    with the same seed, so a difference is a bug; stop rather than train on mismatched batches."""
+    if jax.process_count() == 1:
+        return
+    from jaxvpr import parallel
+
+    digest = np.frombuffer(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest()[:8], np.int64)
+    digests = parallel.gather_rows(digest[None], jax.process_count())
+    if (digests != digests[0]).any():
+        raise RuntimeError(f"The processes disagree on {what}: every process must mine the same triplets.")
+
+
 # ----------------------------------------------------------------------------- the trainer
 class TripletTrainer(Trainer):
     """The triplet recipe's hooks on :class:`jaxvpr.train.loop.Trainer`."""
@@ -288,6 +302,7 @@ class TripletTrainer(Trainer):
                                             int(t.negs_num_per_query), int(t.neg_samples_num), neg_cache)
         if neg_cache is not None:
             self.neg_caches[s.name] = new_cache
+        check_same_on_every_process(triplets, f"the triplets mined for epoch {epoch}, refresh {refresh}")
         return triplets
 
     def batches(self, epoch: int, start: int, current_state):
