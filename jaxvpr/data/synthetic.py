@@ -635,6 +635,14 @@ def _resolve_preset(preset: str) -> dict:
     return PRESETS[preset]
 
 
+def checked_resolution(resolution: int | None, preset: dict) -> int:
+    """Image side in pixels: ``resolution`` or the preset's; at least 16."""
+    res = int(resolution or preset["resolution"])
+    if res < 16:
+        raise ValueError(f"resolution must be >= 16 pixels, got {res}")
+    return res
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir, overwrite: bool = False):
     """Yields a temporary sibling folder of ``out_dir``, renamed to ``out_dir`` when the block completes.
@@ -699,9 +707,7 @@ def generate_city(out_dir, preset: str = "tiny", seed: int = 0, resolution: int 
     others later. Every image is the same whichever domains are generated with it.
     """
     p = _resolve_preset(preset)
-    res = int(resolution or p["resolution"])
-    if res < 16:
-        raise ValueError(f"resolution must be >= 16 pixels, got {res}")
+    res = checked_resolution(resolution, p)
     out = pathlib.Path(out_dir).expanduser().resolve()
     t0 = time.time()
     with atomic_output_dir(out, overwrite) as tmp:

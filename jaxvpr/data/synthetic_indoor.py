@@ -80,6 +80,7 @@ from jaxvpr.data.synthetic import (
     _people,
     _rng,
     atomic_output_dir,
+    checked_resolution,
     default_cache_dir,
     file_lock,
     handheld_camera,
@@ -632,9 +633,7 @@ def generate_indoor(out_dir, preset: str = "indoor_tiny", seed: int = 0, resolut
     An existing non-empty `out_dir` is an error unless `overwrite=True`.
     """
     p = _resolve_preset(preset)
-    res = int(resolution or p["resolution"])
-    if res < 16:
-        raise ValueError(f"resolution must be >= 16 pixels, got {res}")
+    res = checked_resolution(resolution, p)
     out = pathlib.Path(out_dir).expanduser().resolve()
     t0 = time.time()
     with atomic_output_dir(out, overwrite) as tmp:

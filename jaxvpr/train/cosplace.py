@@ -303,10 +303,6 @@ class CosPlaceTrainer(Trainer):
         return state.replace(classifier=jnp.asarray(group["weight"]),
                             classifier_opt=jax.tree.map(jnp.asarray, group["opt"]))
 
-    def end_epoch(self, state: TrainState, epoch: int) -> TrainState:
-        self.classifiers[self.group] = _to_host_classifier(state)
-        return state
-
     def host_state(self) -> dict:
         return {f"group_{g}": c for g, c in enumerate(self.classifiers)}
 
@@ -317,7 +313,9 @@ class CosPlaceTrainer(Trainer):
         self.classifiers = [tree[f"group_{g}"] for g in range(len(self.classifiers))]
 
     def save(self, state, progress: dict, is_best: bool = False) -> None:
-        self.classifiers[self.group] = _to_host_classifier(state)  # the group being trained lives in the state
+        # The group being trained lives in the state; every save (mid-epoch and the one ending each
+        # epoch) brings it home first, so the next epoch's start_epoch finds it trained.
+        self.classifiers[self.group] = _to_host_classifier(state)
         super().save(state, progress, is_best)
 
     def images_per_step(self) -> int:

@@ -23,6 +23,7 @@ evaluation threshold) on the validation queries; never on test queries.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -195,8 +196,9 @@ def print_monitor_table(table: list[tuple[str, dict]], chance: dict | None = Non
 
 
 # ----------------------------------------------------------------------------- the trainer
-class Trainer:
-    """Holds what does not change during a run and runs it (:meth:`fit`). Subclass per recipe."""
+class Trainer(abc.ABC):
+    """Holds what does not change during a run and runs it (:meth:`fit`). Subclass per recipe; the
+    abstract methods are the hooks every recipe must give."""
 
     step_args = 0  # replicated scalars the step takes after the batch (CosPlace: the GRL coefficient)
 
@@ -223,31 +225,32 @@ class Trainer:
         self.checkpointer = TrainCheckpointer(self.workdir, keep=config.train.keep_checkpoints)
 
     # -- recipe hooks ------------------------------------------------------------------------
+    @abc.abstractmethod
     def batch_sizes(self) -> dict[str, int]:
         """Global batch sizes by config field, checked against the topology (recipe)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def eval_thresholds(self) -> list[ev.Threshold]:
         """Positive thresholds of validation and test (recipe; first = default selection threshold)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def initial_state(self, variables):
         """The state (a flax struct with ``step``, ``params``, ``batch_stats``, ...) from model variables (recipe)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def make_step(self) -> Callable:
         """The pure ``step(state, batch, *args) -> (state, metrics)``; ``metrics["loss"]`` is checked (recipe)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def steps_per_epoch(self, epoch: int) -> int:
-        raise NotImplementedError
+        """Steps of epoch ``epoch`` (recipe; may differ per epoch, e.g. per training dataset)."""
 
+    @abc.abstractmethod
     def batches(self, epoch: int, start: int, current_state: Callable[[], Any]) -> Iterator[tuple[dict, tuple]]:
         """``(this process's rows of the batch, step args)`` for steps ``start, start+1, ...`` of ``epoch``.
 
         ``current_state()`` returns the latest state (the triplet recipe mines with it) (recipe).
         """
-        raise NotImplementedError
 
     def start_epoch(self, state, epoch: int):
         return state
@@ -388,12 +391,12 @@ class Trainer:
         evaluated: dict[int, dict] = {}  # per epoch: results, reused by the final val/test of the best epoch
         chance = {}
         for name, split in monitors:
-            for k, v in ev.chance_recalls(split.database, split.queries, self.thresholds[0], (1, 5)).items():
+            for th in self.thresholds:
+                values = ev.chance_recalls(split.database, split.queries, th, (1, 5))
                 if len(self.thresholds) == 1:
-                    chance[f"{name}/R@{k}"] = v
-            if len(self.thresholds) > 1:
-                for th in self.thresholds:
-                    chance[f"{name}/R@1 {th.label()}"] = ev.chance_recalls(split.database, split.queries, th, (1,))["1"]
+                    chance.update({f"{name}/R@{k}": v for k, v in values.items()})
+                else:
+                    chance[f"{name}/R@1 {th.label()}"] = values["1"]
 
         def monitor(label: str, variables: dict, epoch: int | None = None) -> dict:
             row = {}

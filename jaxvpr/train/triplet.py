@@ -229,13 +229,15 @@ class TripletTrainer(Trainer):
         return 14 if backbone_family(self.model_cfg.backbone) == "dinov2" else 0
 
     # -- sizes
+    def refresh_rate(self, s: TrainingSet) -> int:
+        """Queries sampled per cache refresh (``cache_refresh_rate``; 0: the epoch's queries)."""
+        return int(self.config.train.cache_refresh_rate) or s.queries_per_epoch
+
     def refresh_size(self, s: TrainingSet) -> int:
-        rate = int(self.config.train.cache_refresh_rate) or s.queries_per_epoch
-        return min(rate, len(s.positives.valid_queries))
+        return min(self.refresh_rate(s), len(s.positives.valid_queries))
 
     def refreshes(self, s: TrainingSet) -> int:
-        rate = int(self.config.train.cache_refresh_rate) or s.queries_per_epoch
-        return max(1, math.ceil(s.queries_per_epoch / rate))
+        return max(1, math.ceil(s.queries_per_epoch / self.refresh_rate(s)))
 
     def steps_per_refresh(self, s: TrainingSet) -> int:
         steps = mining.dataset_steps(self.refresh_size(s), int(self.config.train.batch_size))
@@ -287,8 +289,7 @@ class TripletTrainer(Trainer):
         t = self.config.train
         rng = np.random.default_rng([int(self.config.seed), epoch, refresh, 17])
         neg_cache = self.neg_caches.get(s.name)
-        rate = int(t.cache_refresh_rate) or s.queries_per_epoch
-        plan = mining.plan(t.mining, s.positives, rng, rate, int(t.neg_samples_num), neg_cache)
+        plan = mining.plan(t.mining, s.positives, rng, self.refresh_rate(s), int(t.neg_samples_num), neg_cache)
         describe = self.describer.bind(self.variables(state))
         kw = dict(batch_size=int(self.config.eval.batch_size), resize=self.eval_resize,
                   num_workers=int(self.config.data.num_workers), progress=False, mixed_sizes=True)
@@ -311,8 +312,8 @@ class TripletTrainer(Trainer):
         per_refresh = self.steps_per_refresh(s)
         group = 2 + int(t.negs_num_per_query)
         images_per_step = int(t.batch_size) * group
-        it = start
-        while it < self.steps_per_epoch(epoch):
+        it, n_steps = start, self.steps_per_epoch(epoch)
+        while it < n_steps:
             refresh, step_in_refresh = divmod(it, per_refresh)
             key = np.array([epoch, refresh], np.int64)
             if "key" in self.cache and np.array_equal(self.cache["key"], key):
