@@ -211,16 +211,16 @@ class TorchSalad(tnn.Module):
         self.dust_bin = tnn.Parameter(torch.tensor(1.0))
 
     def forward(self, feature_map, cls_token):
-        b = feature_map.shape[0]
+        b, dev = feature_map.shape[0], feature_map.device
         f = self.cluster_features(feature_map).flatten(2)  # (B, l, n)
         s = self.score(feature_map).flatten(2)  # (B, m, n)
         m, n = s.shape[1], s.shape[2]
         s = torch.cat([s, self.dust_bin.expand(b, 1, n)], dim=1)  # (B, m + 1, n)
         log_norm = -math.log(m + n)
-        log_a = torch.full((m + 1,), log_norm)
+        log_a = torch.full((m + 1,), log_norm, device=dev)  # on the input's device: runs on CUDA too
         log_a[-1] += math.log(n - m)
-        log_b = torch.full((n,), log_norm)
-        u, v = torch.zeros(b, m + 1), torch.zeros(b, n)
+        log_b = torch.full((n,), log_norm, device=dev)
+        u, v = torch.zeros(b, m + 1, device=dev), torch.zeros(b, n, device=dev)
         for _ in range(self.iters):
             u = log_a - torch.logsumexp(s + v[:, None, :], dim=2)
             v = log_b - torch.logsumexp(s + u[:, :, None], dim=1)

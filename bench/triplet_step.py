@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -79,7 +78,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn as tnn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import (  # noqa: E402
@@ -112,30 +110,6 @@ SALAD_FROZEN_BLOCKS = 8  # DINOv2-B has 12 blocks; the fork trains the last 4
 
 
 # ----------------------------------------------------------------------------- PyTorch models
-class DeviceSalad(TorchSalad):
-    """``bench/inference.py``'s SALAD head with the Sinkhorn marginals and potentials made on the
-    input's device (the parent makes them on the CPU), so it runs on CUDA too; same equations."""
-
-    def forward(self, feature_map, cls_token):
-        b, dev = feature_map.shape[0], feature_map.device
-        f = self.cluster_features(feature_map).flatten(2)  # (B, l, n)
-        s = self.score(feature_map).flatten(2)  # (B, m, n)
-        m, n = s.shape[1], s.shape[2]
-        s = torch.cat([s, self.dust_bin.expand(b, 1, n)], dim=1)  # (B, m + 1, n)
-        log_norm = -math.log(m + n)
-        log_a = torch.full((m + 1,), log_norm, device=dev)
-        log_a[-1] += math.log(n - m)
-        log_b = torch.full((n,), log_norm, device=dev)
-        u, v = torch.zeros(b, m + 1, device=dev), torch.zeros(b, n, device=dev)
-        for _ in range(self.iters):
-            u = log_a - torch.logsumexp(s + v[:, None, :], dim=2)
-            v = log_b - torch.logsumexp(s + u[:, :, None], dim=1)
-        assignment = torch.exp(s + u[:, :, None] + v[:, None, :] - log_norm)[:, :m]  # (B, m, n)
-        clusters = F.normalize(torch.einsum("bmn,bln->blm", assignment, f), dim=1).flatten(1)
-        token = F.normalize(self.token_features(cls_token), dim=-1)
-        return F.normalize(torch.cat([token, clusters], dim=-1), dim=-1)
-
-
 def eigenplaces_pair(cfg, seed: int = 0):
     """(PyTorch EigenPlaces ResNet-50 + GeM + FC, jaxvpr variables) with the same weights; conv1..layer2 frozen."""
     depth = int(cfg.backbone[len("resnet"):])
@@ -153,7 +127,7 @@ def dinov2_salad_pair(cfg, seed: int = 0):
         raise SystemExit(f"bench/inference.py's SALAD pair is built for {salad_cfg.to_dict()}, but the triplet "
                          f"recipe's model config is {cfg.to_dict()}: update the PyTorch reference.")
     old = torch_model.head
-    head = DeviceSalad(768, cfg.num_clusters, cfg.cluster_dim, cfg.token_dim)
+    head = TorchSalad(768, cfg.num_clusters, cfg.cluster_dim, cfg.token_dim)
     if cfg.dropout > 0:  # the checkpoint layout keeps index 1 of both local MLPs for SALAD's dropout
         head.cluster_features[1] = tnn.Dropout(cfg.dropout)
         head.score[1] = tnn.Dropout(cfg.dropout)
