@@ -10,6 +10,8 @@ Command line::
         --model cosplace_resnet18_512 --random-init --resize 128 --out results/
     python -m jaxvpr.evaluate --dataset /data/gangnam_b2/images/test --checkpoint CKPT \\
         --thresholds 1,10,25,1,10,25 --angles -,-,-,5,30,60
+    python -m jaxvpr.evaluate ... --out results/ --save-predictions 5 --only-wrong --save-map  # pictures
+    python -m jaxvpr.evaluate ... --resize 480,640 --test-method maj_voting --pca-dim 256  # VG test time
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def make_descriptor_fn(model, variables) -> Callable[[np.ndarray], jax.Array]:
 
 def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 32, resize=None,
                         num_workers: int = 0, skip_corrupt: bool = False, desc: str = "images",
-                        progress: bool = True, mixed_sizes: bool = False) -> Descriptors:
+                        progress: bool = True, mixed_sizes: bool = False, transform=None) -> Descriptors:
     """Descriptors of the images at ``paths`` (absolute), in order, batched with a padded last batch.
 
     With several processes, each describes one block of the paths and the blocks are gathered, so
@@ -202,6 +204,8 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
     With ``mixed_sizes`` (queries such as Tokyo 24/7's phone photos at native size), images are
     grouped by size from their headers and each size is batched on its own (one compilation per
     distinct size); otherwise every batch must hold one size (a fixed ``resize`` guarantees it).
+    A ``transform`` replaces resize and normalisation (``pipeline.eval_batches``); one that gives V
+    views of each image (a test-time method's crops, ``jaxvpr.testtime``) makes ``values`` (N, V, D).
     """
     from tqdm.auto import tqdm
 
@@ -213,22 +217,28 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
     valid = np.zeros(per, dtype=bool)
     if mine:
         make = pipeline.eval_batches_by_size if mixed_sizes else pipeline.eval_batches
-        batches = make(mine, batch_size=batch_size, resize=resize, num_workers=num_workers, skip_corrupt=skip_corrupt)
+        batches = make(mine, batch_size=batch_size, resize=resize, num_workers=num_workers, skip_corrupt=skip_corrupt,
+                       transform=transform)
         show = progress and parallel.is_main_process()
         with tqdm(total=len(mine), desc=f"describing {desc}", unit="img", disable=not show) as bar:
             for batch in batches:
-                out = np.asarray(jax.device_get(describe(batch["image"])), dtype=np.float32)
+                images = batch["image"]  # (B, H, W, 3), or (B, V, H, W, 3): views described together
+                out = describe(images.reshape((-1,) + images.shape[-3:]))
+                out = np.asarray(jax.device_get(out), dtype=np.float32)
+                out = out.reshape(images.shape[:-3] + out.shape[1:])
                 if values is None:
-                    values = np.zeros((per, out.shape[1]), dtype=np.float32)
+                    values = np.zeros((per,) + out.shape[1:], dtype=np.float32)
                 keep = batch["valid"]
                 values[batch["index"][keep]] = out[keep]
                 valid[batch["index"][keep]] = True
                 bar.update(int((batch["index"] >= 0).sum()))
-    dim = int(parallel.gather_rows(np.array([-1 if values is None else values.shape[1]]), jax.process_count()).max())
+    # (views or 0, dim) of the descriptors, known to every process, also one that read no image.
+    row_shape = (-1, -1) if values is None else ((0,) + values.shape[1:])[-2:]
+    views, dim = parallel.gather_rows(np.array([row_shape]), jax.process_count()).max(axis=0)
     if dim < 0:
         raise ValueError(f"No image of {desc} could be read ({len(paths)} listed).")
     if values is None:
-        values = np.zeros((per, dim), dtype=np.float32)
+        values = np.zeros((per, views, dim) if views else (per, dim), dtype=np.float32)
     values = parallel.gather_rows(values, len(paths))
     valid = parallel.gather_rows(valid, len(paths))
     skipped = [paths[i] for i in np.flatnonzero(~valid)]
@@ -236,16 +246,20 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
 
 
 def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
-                         thresholds: Sequence[Threshold], queries_folder: str = "queries") -> tuple[dict, np.ndarray]:
+                         thresholds: Sequence[Threshold], queries_folder: str = "queries",
+                         test_method: str = "hard_resize", majority_weight: float = 0.01) -> tuple[dict, np.ndarray]:
     """results.json content and the top-K predictions (indices into the database), from descriptors.
 
     Skipped (unreadable) database images cannot be retrieved; skipped queries are left out of the
-    recall and counted in ``num_queries_skipped``.
+    recall and counted in ``num_queries_skipped``. Crop descriptors (Q, 5, D) of nearest_crop and
+    maj_voting are searched and merged as ``jaxvpr.testtime.search`` describes.
     """
+    from jaxvpr import testtime
+
     db_rows = np.flatnonzero(db.valid)
     q_rows = np.flatnonzero(q.valid)
     k = max(RECALL_VALUES)
-    _, found = knn(db.values[db_rows], q.values[q_rows], k)
+    _, found = testtime.search(db.values[db_rows], q.values[q_rows], k, test_method, majority_weight)
     predictions = np.where(found >= 0, db_rows[np.maximum(found, 0)], -1)
     queries = ImageFolder(split.queries.root, [split.queries.paths[i] for i in q_rows],
                           split.queries.utm[q_rows], split.queries.heading[q_rows])
@@ -255,8 +269,11 @@ def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
         "num_database": int(len(db_rows)),
         "num_queries": int(len(q_rows)),
         "descriptor_dim": int(db.values.shape[1]),
+        "test_method": test_method,
         "results": compute_results(split.database, queries, predictions, thresholds),
     }
+    if test_method == "maj_voting":
+        results["majority_weight"] = majority_weight
     if len(db.skipped_paths) or len(q.skipped_paths):
         results["num_database_skipped"] = len(db.skipped_paths)
         results["num_queries_skipped"] = len(q.skipped_paths)
@@ -270,18 +287,42 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
                    thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, queries_resize="same",
                    batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
                    out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
-                   progress: bool = True) -> dict:
-    """Describes the split's database and queries with ``describe`` and computes the results dict."""
+                   progress: bool = True, pictures=None, test_method: str = "hard_resize",
+                   majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None) -> dict:
+    """Describes the split's database and queries with ``describe`` and computes the results dict.
+
+    ``pictures`` (a :class:`jaxvpr.visualize.PictureOptions`) draws the per-query predictions and the
+    map into ``out_dir`` as well. ``test_method`` is one of the VG benchmark's ways to describe and
+    search queries (``jaxvpr.testtime``; the database always uses ``resize``). ``pca_dim`` projects
+    all descriptors on the principal axes of the database's descriptors, or of the images of
+    ``pca_folder`` (VG ``--pca_dim``, ``--pca_dataset_folder``).
+    """
+    from jaxvpr import testtime
+
     q_resize = resize if queries_resize == "same" else queries_resize
+    testtime.query_preparation(test_method, q_resize)  # a wrong method or resize fails before any extraction
+    pca_paths = testtime.pca_folder_paths(pca_folder) if pca_dim and pca_folder else None
     start = time.time()
     db = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
                              skip_corrupt, "database", progress)
-    q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, q_resize, num_workers,
-                            skip_corrupt, queries_folder, progress, mixed_sizes=True)
-    results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder)
+    q = testtime.describe_queries(describe, split.queries.abs_paths(), test_method, q_resize, batch_size,
+                                  num_workers, skip_corrupt, queries_folder, progress)
+    if pca_dim:  # fitted once, applied to database and queries, not renormalised
+        pca = (testtime.fit_pca(db.values[db.valid], pca_dim) if pca_paths is None else
+               testtime.fit_pca_on_images(describe, pca_paths, pca_dim, resize, batch_size, num_workers,
+                                          skip_corrupt, progress))
+        db, q = pca.project_descriptors(db), pca.project_descriptors(q)
+    results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder, test_method,
+                                                majority_weight)
+    if pca_dim:
+        results["pca"] = pca.summary(pca_folder or "database")
     results["seconds"] = round(time.time() - start, 2)
     if out_dir is not None and parallel.is_main_process():  # every process holds the same results
         write_results(out_dir, results, split, db, q, predictions, save_descriptors)
+        if pictures:
+            from jaxvpr import visualize
+
+            visualize.save_pictures(pictures, split, predictions, thresholds, out_dir)
     return results
 
 
@@ -310,16 +351,19 @@ def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str
              thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, queries_resize="same",
              batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
              out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, pictures=None, test_method: str = "hard_resize",
+             majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None) -> dict:
     """Evaluates a model on ``<split_dir>/database`` vs ``<split_dir>/<queries_folder>``.
 
     Returns the results dict (see module docstring); with ``out_dir`` writes ``results.json`` there and,
-    with ``save_descriptors``, the descriptors, top-20 predictions and the row order of each.
+    with ``save_descriptors``, the descriptors, top-20 predictions and the row order of each. See
+    :func:`evaluate_split` for the test-time method and the PCA.
     """
     split = read_split(split_dir, queries_folder)
     return evaluate_split(make_descriptor_fn(model, variables), split, queries_folder, thresholds, resize,
                           queries_resize, batch_size, num_workers, skip_corrupt, out_dir, save_descriptors,
-                          progress)
+                          progress, pictures, test_method=test_method, majority_weight=majority_weight,
+                          pca_dim=pca_dim, pca_folder=pca_folder)
 
 
 def write_results(out_dir, results: dict, split: SplitDataset, db: Descriptors, q: Descriptors,
@@ -384,6 +428,25 @@ def load_for_evaluation(checkpoint: str | None, model_name: str | None, random_i
     return model, variables, cfg
 
 
+def picture_options(FLAGS):
+    """The pictures asked for by --save-predictions/--only-wrong/--save-map (None: none), checked early."""
+    if not (FLAGS.save_predictions or FLAGS.save_map):
+        return None
+    from jaxvpr.visualize import PictureOptions
+
+    if not FLAGS.out:
+        raise SystemExit("--save-predictions and --save-map draw into the output folder: give --out FOLDER.")
+    if not 0 <= FLAGS.save_predictions <= max(RECALL_VALUES):
+        raise SystemExit(f"--save-predictions {FLAGS.save_predictions}: between 1 and {max(RECALL_VALUES)} "
+                         "predictions per query (the evaluation keeps the top 20).")
+    threshold = None
+    if FLAGS.predictions_threshold:
+        distance, _, angle = FLAGS.predictions_threshold.partition(",")
+        threshold = parse_thresholds(distance, angle or None)[0]
+    return PictureOptions(FLAGS.save_predictions, FLAGS.only_wrong, FLAGS.predictions_max_queries,
+                          FLAGS.save_map, threshold)
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -396,6 +459,7 @@ def main(argv):
         return 0
     if not FLAGS.dataset:
         raise SystemExit("--dataset SPLIT_DIR is required (the folder holding database/ and the queries folder).")
+    pictures = picture_options(FLAGS)
     parallel.initialize()  # several processes split the extraction (launch/local_multiprocess.sh sets it up)
     thresholds = parse_thresholds(FLAGS.thresholds, FLAGS.angles)
     model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
@@ -403,22 +467,31 @@ def main(argv):
     q_resize = "same" if FLAGS.queries_resize == "same" else parse_resize(FLAGS.queries_resize)
     results = evaluate(model, variables, FLAGS.dataset, FLAGS.queries, thresholds, resize, q_resize,
                        FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
-                       FLAGS.save_descriptors)
+                       FLAGS.save_descriptors, pictures=pictures, test_method=FLAGS.test_method,
+                       majority_weight=FLAGS.majority_weight, pca_dim=FLAGS.pca_dim, pca_folder=FLAGS.pca_folder)
     if not parallel.is_main_process():
         return 0
     title = (f"{results['dataset']} / {results['queries_folder']}: {results['num_queries']} queries, "
              f"{results['num_database']} database images, {results['descriptor_dim']}-d")
+    if results["test_method"] != "hard_resize":
+        title += f", queries by {results['test_method']}"
     print(format_table(results["results"], title))
     if "num_queries_skipped" in results:
         print(f"skipped unreadable images: {results['num_database_skipped']} database, "
               f"{results['num_queries_skipped']} queries (listed in results.json)")
     if FLAGS.out:
         print(f"wrote {Path(FLAGS.out) / 'results.json'}")
+    if pictures and pictures.num_predictions:
+        print(f"wrote prediction pictures to {Path(FLAGS.out) / 'predictions'}")
+    if pictures and pictures.save_map:
+        print(f"wrote {Path(FLAGS.out) / 'map.png'}")
     return 0
 
 
 def define_flags():
     from absl import flags
+
+    from jaxvpr.testtime import TEST_METHODS
 
     flags.DEFINE_string("dataset", None, "Split folder holding database/ and the queries folder, e.g. DATA/images/test.")
     flags.DEFINE_string("queries", "queries", "Name of the queries folder inside --dataset.")
@@ -431,11 +504,25 @@ def define_flags():
     flags.DEFINE_boolean("skip_corrupt", False, "Skip unreadable images (counted in the report) instead of failing.")
     flags.DEFINE_string("out", None, "Folder for results.json (and descriptors with --save_descriptors).")
     flags.DEFINE_boolean("save_descriptors", False, "Also write descriptors, top-20 predictions and row orders.")
+    flags.DEFINE_enum("test_method", "hard_resize", TEST_METHODS, "How queries are described and searched, as in "
+                      "the VG benchmark (see jaxvpr/testtime.py); the database always uses --resize.")
+    flags.DEFINE_float("majority_weight", 0.01, "maj_voting: distance bonus per vote (VG --majority_weight).")
+    flags.DEFINE_integer("pca_dim", None, "Project descriptors on this many principal axes (VG --pca_dim).")
+    flags.DEFINE_string("pca_folder", None, "Fit the PCA on the images of this folder (VG --pca_dataset_folder) "
+                        "instead of the database.")
     flags.DEFINE_string("checkpoint", None, "A jaxvpr checkpoint (converted weights or a training workdir).")
     flags.DEFINE_string("model", None, "Model name (see --list_models) to evaluate with --random_init.")
     flags.DEFINE_boolean("random_init", False, "Use random weights for --model.")
     flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
     flags.DEFINE_boolean("list_models", False, "Print the names of the registered models and exit.")
+    flags.DEFINE_integer("save_predictions", 0, "Write <out>/predictions/NNNN_{correct,wrong}.png: each query "
+                         "and its top N predictions, framed green (positive) or red (0: none).")
+    flags.DEFINE_boolean("only_wrong", False, "With --save_predictions: only the queries wrong at R@1.")
+    flags.DEFINE_integer("predictions_max_queries", None, "With --save_predictions: at most this many pictures.")
+    flags.DEFINE_string("predictions_threshold", None, "Positive criterion of the pictures, DIST or DIST,ANGLE "
+                        "(metres, degrees); default: the first of --thresholds/--angles.")
+    flags.DEFINE_boolean("save_map", False, "Write <out>/map.png: database and query positions, queries "
+                         "coloured by correct/wrong at R@1.")
 
 
 def underscore_flags(argv: list[str]) -> list[str]:

@@ -12,6 +12,10 @@ collection (``'params'``) and ``transform`` one of ``"identity"``, ``"linear"`` 
   what the rules expect.
 * :func:`salad_rules` covers SALAD's aggregator (``aggregator.*``); a full SALAD
   checkpoint is ``dinov2_rules(..., prefix="backbone.model.") + salad_rules()``.
+* :func:`anyloc_rules` covers what an AnyLoc model uses of the hub DINOv2 state dict (blocks
+  up to ``layer``, of block ``layer`` only ``norm1`` and ``attn.qkv`` for a q/k/v facet; no
+  final ``norm``) plus the vocabulary as one tensor ``c_centers`` (K, C);
+  :func:`unused_anyloc_tensors` names the hub tensors it leaves out.
 * :func:`hf_dinov2_to_official` / :func:`official_to_hf_dinov2` translate the Hugging
   Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` naming (both the hub checkpoint
   names ``attention.attention.query`` / ``mlp.weights_in`` and the transformers>=5
@@ -86,6 +90,46 @@ def dinov2_rules(
         rules.append((f"{t}.ls2.gamma", (*f, "ls2", "gamma"), "identity"))
     rules += _layer_norm(f"{prefix}norm", (*root, "norm"))
     return rules
+
+
+ANYLOC_CENTRES = "c_centers"
+"""PyTorch name of AnyLoc's vocabulary (``VLAD.c_centers`` of ``AnyLoc/DINO:utilities.py``; the
+release files ``dinov2_vitg14_l31_value_c32_<domain>_c_centers.pt`` hold that bare tensor)."""
+
+
+def anyloc_rules(
+    arch: str | ViTConfig, num_register_tokens: int, layer: int, facet: str
+) -> list[Rule]:
+    """Rules of an AnyLoc model: the hub DINOv2 tensors it runs, then ``c_centers``.
+
+    Blocks ``0..layer-1`` are complete; block ``layer`` keeps ``norm1`` and ``attn.qkv`` for
+    a ``query``/``key``/``value`` facet (all of it for ``token``); later blocks and the final
+    ``norm`` are not part of the model. The centres are the ``'vocabulary'`` variable
+    ``head/centers``.
+    """
+    keep_in_last = (f"blocks.{layer}.norm1.", f"blocks.{layer}.attn.qkv.")
+
+    def used(name: str) -> bool:
+        match = re.match(r"^blocks\.(\d+)\.", name)
+        if match is None:
+            return name.split(".")[0] != "norm"
+        block = int(match.group(1))
+        if block == layer and facet != "token":
+            return name.startswith(keep_in_last)
+        return block <= layer
+
+    rules = [r for r in dinov2_rules(arch, num_register_tokens, flax_prefix=("backbone",)) if used(r[0])]
+    return rules + [(ANYLOC_CENTRES, ("vocabulary", "head", "centers"), "identity")]
+
+
+def unused_anyloc_tensors(
+    state_dict: Mapping[str, object], arch: str | ViTConfig, num_register_tokens: int, layer: int, facet: str
+) -> list[str]:
+    """Names in ``state_dict`` that belong to the hub DINOv2 layout but are not used by an AnyLoc
+    model stopping at block ``layer`` (later blocks, the rest of block ``layer``, ``norm``)."""
+    hub = {r[0] for r in dinov2_rules(arch, num_register_tokens)}
+    used = {r[0] for r in anyloc_rules(arch, num_register_tokens, layer, facet)}
+    return [name for name in state_dict if name in hub and name not in used]
 
 
 def salad_rules(prefix: str = "aggregator.", flax_prefix: tuple[str, ...] = ()) -> list[Rule]:

@@ -84,7 +84,8 @@ def torch_rules(model_cfg) -> list[Rule]:
     DINOv2 backbones (the bare hub model, or SALAD's ``backbone.model.``) and the
     SALAD head (``aggregator.``): :func:`jaxvpr.convert.dinov2.dinov2_rules` /
     :func:`~jaxvpr.convert.dinov2.salad_rules`, rooted at ``backbone``/``head``
-    of :class:`~jaxvpr.models.VPRModel`.
+    of :class:`~jaxvpr.models.VPRModel`; AnyLoc: :func:`~jaxvpr.convert.dinov2.anyloc_rules`
+    (hub names of the blocks it runs, plus ``c_centers``).
     """
     from jaxvpr.models.registry import backbone_family, dinov2_spec, model_config
 
@@ -104,6 +105,8 @@ def torch_rules(model_cfg) -> list[Rule]:
             dinov2_conv.dinov2_rules(arch, registers, prefix="backbone.model.", flax_prefix=("backbone",))
             + dinov2_conv.salad_rules(prefix="aggregator.", flax_prefix=("head",))
         )
+    if cfg.head == "anyloc":
+        return _as_rules(dinov2_conv.anyloc_rules(arch, registers, cfg.layer, cfg.facet))
     raise ValueError(f"no PyTorch layout for DINOv2 with head {cfg.head!r}")
 
 
@@ -269,4 +272,10 @@ def _raise_if_problems(model_name, missing, unexpected, misshaped, what="checkpo
         "Check that the model name/config matches the checkpoint (e.g. backbone depth, "
         "fc_output_dim, num_clusters, image_size for MixVPR)."
     )
+    if what == "checkpoint" and any(item.startswith("whitening.") for item in missing):
+        hint += (
+            "\nThe whitening of an AP-GeM model is not in the PyTorch state dict: pass it as an .npz "
+            "(`python -m jaxvpr.convert from-torch ... --whitening FILE.npz`; the export snippet is in "
+            "jaxvpr/convert/cnn.py), or convert without it (--no-whitening, config whiten=False)."
+        )
     raise CheckpointMismatchError("\n".join(lines) + "\n" + hint)

@@ -35,7 +35,9 @@ _STD = np.asarray(IMAGENET_STD, np.float32)
 @dataclasses.dataclass(frozen=True)
 class ShorterSide:
     """Resize so the shorter side is ``size``, then each side to the nearest multiple of ``multiple``
-    (DINOv2 needs multiples of its patch, 14: the thesis fork's SALAD inputs, 360 x 480 -> 364 x 476)."""
+    (DINOv2 needs multiples of its patch, 14: the thesis fork's SALAD inputs, 360 x 480 -> 364 x 476).
+    ``size`` 0 keeps the native size and only rounds the sides (VPR-methods-evaluation's resizing
+    wrapper for DINOv2 models: 768 x 1024 -> 770 x 1022)."""
 
     size: int
     multiple: int = 1
@@ -114,7 +116,7 @@ def output_size(spec: ResizeSpec, height: int, width: int) -> tuple[int, int]:
     if spec is None:
         return height, width
     if isinstance(spec, ShorterSide):
-        h, w = output_size(int(spec.size), height, width)
+        h, w = output_size(int(spec.size), height, width) if spec.size else (height, width)
         m = int(spec.multiple)
         return max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
     if isinstance(spec, (int, np.integer)):

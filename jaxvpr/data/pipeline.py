@@ -56,7 +56,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from jaxvpr.data.images import CorruptImageError, ResizeSpec, image_size, load_image, normalize, output_size
+from jaxvpr.data.images import (CorruptImageError, ResizeSpec, ShorterSide, image_size, load_image, normalize,
+                                output_size)
 from jaxvpr.data.images import resize as resize_image
 
 logger = logging.getLogger(__name__)
@@ -441,13 +442,18 @@ class ImageSizeMismatchError(ValueError):
 
 
 class _EvalBatchBuilder:
-    """batch number -> padded batch of decoded, resized, normalised images (runs in workers)."""
+    """batch number -> padded batch of decoded, resized, normalised images (runs in workers).
 
-    def __init__(self, paths, batch_size, resize, skip_corrupt):
+    A ``transform`` (decoded uint8 image -> normalised float32 (H, W, 3), or (V, H, W, 3) views)
+    replaces the resize and the normalisation.
+    """
+
+    def __init__(self, paths, batch_size, resize, skip_corrupt, transform=None):
         self.paths = paths
         self.batch_size = batch_size
         self.resize = resize
         self.skip_corrupt = skip_corrupt
+        self.transform = transform
 
     def __call__(self, b: int) -> dict[str, np.ndarray]:
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.paths))
@@ -460,16 +466,16 @@ class _EvalBatchBuilder:
                     raise
                 images.append(None)
                 continue
-            images.append(resize_image(image, self.resize))
+            images.append(resize_image(image, self.resize) if self.transform is None else self.transform(image))
         sizes = {}
         for i, image in zip(range(lo, hi), images):
             if image is not None:
-                sizes.setdefault(image.shape[:2], i)
+                sizes.setdefault(image.shape[:-1], i)
         if len(sizes) > 1:
-            (s1, i1), (s2, i2) = list(sizes.items())[:2]
+            (s1, i1), (s2, i2) = [("x".join(map(str, s)), i) for s, i in list(sizes.items())[:2]]
             raise ImageSizeMismatchError(
-                f"Evaluation batch {b} mixes image sizes: {self.paths[i1]!r} is {s1[0]}x{s1[1]} (HxW) "
-                f"but {self.paths[i2]!r} is {s2[0]}x{s2[1]} (after resize={self.resize!r}). Use "
+                f"Evaluation batch {b} mixes image sizes: {self.paths[i1]!r} is {s1} (HxW) "
+                f"but {self.paths[i2]!r} is {s2} (after resize={self.resize!r}). Use "
                 "batch_size=1, a fixed resize=(H, W), or eval_batches_by_size() to batch equal sizes."
             )
         shape = next(iter(sizes), (1, 1))  # (1, 1): placeholder, the batch has no valid image.
@@ -479,7 +485,7 @@ class _EvalBatchBuilder:
         index[: hi - lo] = np.arange(lo, hi)
         for row, image in enumerate(images):
             if image is not None:
-                out[row] = normalize(image)
+                out[row] = normalize(image) if self.transform is None else image
                 valid[row] = True
         return {"image": out, "index": index, "valid": valid}
 
@@ -487,7 +493,8 @@ class _EvalBatchBuilder:
 class EvalIterator:
     """Iterator over padded evaluation batches, in path order; counts skipped corrupt images.
 
-    Yields ``{"image": float32 (B, H, W, 3), "index": int32 (B,), "valid": bool (B,)}``:
+    Yields ``{"image": float32 (B, H, W, 3) (or (B, V, H, W, 3), see eval_batches' transform),
+    "index": int32 (B,), "valid": bool (B,)}``:
     ``index`` is the position in ``paths`` (-1 for padding rows of the last batch), ``valid`` is
     False for padding and for skipped corrupt images (whose ``index`` stays >= 0). Batches without
     any valid image are not yielded. ``skipped_paths``/``num_skipped`` report the corrupt files.
@@ -549,6 +556,7 @@ def eval_batches(
     resize: ResizeSpec = None,
     num_workers: int = 0,
     skip_corrupt: bool = False,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvalIterator:
     """Evaluation batches of ``paths`` in order, the last one padded to ``batch_size``.
 
@@ -556,13 +564,18 @@ def eval_batches(
     (H, W) or shorter side N, see :func:`~jaxvpr.data.images.resize`) and ImageNet-normalised.
     Padding keeps every batch the same shape, so a jitted model compiles once.
 
+    A ``transform`` (picklable: it runs in the workers) replaces the resize and the normalisation:
+    it maps the decoded uint8 (H, W, 3) image to a normalised float32 (h, w, 3) image or to V views
+    (V, h, w, 3) of one size, e.g. a test-time method's crops (:mod:`jaxvpr.testtime`); ``image``
+    is then (B, h, w, 3) or (B, V, h, w, 3).
+
     Raises (while iterating):
       CorruptImageError: an unreadable image (unless ``skip_corrupt``), naming the file.
       ImageSizeMismatchError: a batch mixes sizes (no or a shorter-side resize); use
         ``batch_size=1``, a fixed ``resize=(H, W)``, or :func:`eval_batches_by_size`.
     """
     _check_eval_args(paths, batch_size, num_workers)
-    builder = _EvalBatchBuilder(paths, batch_size, resize, skip_corrupt)
+    builder = _EvalBatchBuilder(paths, batch_size, resize, skip_corrupt, transform)
     return EvalIterator([(builder, np.arange(len(paths)))], num_workers)
 
 
@@ -585,6 +598,7 @@ def eval_batches_by_size(
     resize: ResizeSpec = None,
     num_workers: int = 0,
     skip_corrupt: bool = False,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvalIterator:
     """Like :func:`eval_batches` for images of differing sizes (e.g. queries at native resolution).
 
@@ -592,10 +606,11 @@ def eval_batches_by_size(
     own, so every batch has one size and a jitted model compiles once per distinct size; a group of
     fewer than ``batch_size`` images is one batch of exactly its size, not padded (use
     ``batch_size=1`` when nearly every query has its own size). ``index`` refers to ``paths``.
+    With a ``transform`` (whose output has one size) this is :func:`eval_batches`.
     """
     _check_eval_args(paths, batch_size, num_workers)
-    if resize is not None and not isinstance(resize, (int, np.integer)):
-        return eval_batches(paths, batch_size, resize, num_workers, skip_corrupt)  # One size.
+    if transform is not None or (resize is not None and not isinstance(resize, (int, np.integer, ShorterSide))):
+        return eval_batches(paths, batch_size, resize, num_workers, skip_corrupt, transform)  # One size.
     segments = []
     for indices in group_by_size(paths, resize).values():
         sub_paths = [paths[i] for i in indices]

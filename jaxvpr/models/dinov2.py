@@ -33,6 +33,11 @@ detaches), so the patch embedding, tokens, position embeddings and the first
 ``N`` blocks and the final norm train. :func:`dinov2_frozen_mask` gives the matching
 optimizer mask.
 
+Intermediate facets (AnyLoc, Keetha et al. RA-L 2023, ``AnyLoc/DINO:dinov2_extractor.py``):
+``facet='value', facet_layer=31`` stops the network inside block 31 and returns the value
+third of its ``attn.qkv`` output, what AnyLoc's forward hook on ``blocks[31].attn.qkv``
+captures; see :mod:`jaxvpr.models.anyloc`.
+
 Flax parameter names mirror the official PyTorch names (``blocks_3/attn/qkv`` is
 ``blocks.3.attn.qkv``); see :mod:`jaxvpr.convert.dinov2` for the exact mapping.
 """
@@ -51,6 +56,10 @@ import numpy as np
 from jaxvpr.models.layers import torch_default_bias_init, torch_default_kernel_init
 
 LAYER_NORM_EPS = 1e-6
+QKV_FACETS = ("query", "key", "value")
+FACETS = (*QKV_FACETS, "token")
+"""Intermediate features :class:`DinoV2` can return instead of its final output (``facet``):
+a third of block ``facet_layer``'s ``attn.qkv`` output, or that block's output tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,15 +267,24 @@ class LayerScale(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` Linear (rows ordered q, k, v; heads
-    contiguous inside each) and an output ``proj``; logits scaled by ``head_dim ** -0.5``."""
+    contiguous inside each) and an output ``proj``; logits scaled by ``head_dim ** -0.5``.
+
+    ``facet='query' | 'key' | 'value'`` returns that third of the ``qkv`` output instead,
+    (B, N, C) channels ``[0:C]``, ``[C:2C]`` or ``[2C:3C]`` (AnyLoc's facets); ``proj`` is
+    then neither called nor created.
+    """
 
     num_heads: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, facet: str | None = None) -> jax.Array:
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
-        qkv = _dense(3 * dim, "qkv")(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        qkv = _dense(3 * dim, "qkv")(x)
+        if facet is not None:
+            third = QKV_FACETS.index(facet)
+            return qkv[..., third * dim : (third + 1) * dim]
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
         weights = jax.nn.softmax(logits, axis=-1)
@@ -298,15 +316,21 @@ class SwiGLUFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale on both residual branches."""
+    """Pre-norm transformer block with LayerScale on both residual branches.
+
+    ``facet='query' | 'key' | 'value'`` stops inside the block and returns that third of
+    ``attn.qkv(norm1(x))``: only ``norm1`` and ``attn.qkv`` are used (and created).
+    """
 
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, facet: str | None = None) -> jax.Array:
         cfg = self.config
         if cfg.ffn not in ("mlp", "swiglu"):
             raise ValueError(f"ViTConfig.ffn must be 'mlp' or 'swiglu', got {cfg.ffn!r}.")
+        if facet is not None:
+            return Attention(cfg.num_heads, name="attn")(_layer_norm("norm1")(x), facet=facet)
         ffn = SwiGLUFFN if cfg.ffn == "swiglu" else Mlp
         x = x + LayerScale(name="ls1")(Attention(cfg.num_heads, name="attn")(_layer_norm("norm1")(x)))
         x = x + LayerScale(name="ls2")(ffn(cfg.ffn_hidden_dim, name="mlp")(_layer_norm("norm2")(x)))
@@ -326,6 +350,13 @@ class DinoV2(nn.Module):
         both after the final norm (registers dropped), what SALAD consumes.
       interpolate_offset / interpolate_antialias: position-embedding resampling; ``None``
         picks the official hub setting for the variant (see :func:`default_interpolation`).
+      facet / facet_layer: with ``facet`` one of :data:`FACETS` the network stops at block
+        ``facet_layer`` (0-based) and ``output`` refers to that block's ``facet`` instead of
+        the final normalised tokens (AnyLoc, Keetha et al. RA-L 2023: ``'value'`` of block 31
+        of ViT-G/14): ``'query' | 'key' | 'value'`` is that third of ``attn.qkv(norm1(x))``
+        (only ``norm1`` and ``attn.qkv`` of that block exist), ``'token'`` the block's output.
+        Later blocks and the final norm are neither run nor created, and
+        ``num_trainable_blocks`` counts back from block ``facet_layer``.
 
     ``__call__(x, train=False)``: ``x`` is (B, H, W, 3) float32, ImageNet-normalised,
     H and W multiples of 14 (patch grid h = H/14, w = W/14). ``train`` is accepted for a
@@ -338,6 +369,8 @@ class DinoV2(nn.Module):
     output: str = "cls"
     interpolate_offset: float | None = None
     interpolate_antialias: bool | None = None
+    facet: str | None = None
+    facet_layer: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -345,10 +378,20 @@ class DinoV2(nn.Module):
         cfg = resolve_arch(self.arch)
         if self.output not in ("cls", "tokens"):
             raise ValueError(f"DinoV2.output must be 'cls' or 'tokens', got {self.output!r}.")
+        if self.facet is not None:
+            if self.facet not in FACETS:
+                raise ValueError(f"DinoV2.facet must be one of {FACETS} or None, got {self.facet!r}.")
+            if self.facet_layer is None or not 0 <= self.facet_layer < cfg.depth:
+                raise ValueError(
+                    f"DinoV2.facet_layer must be a block index in [0, {cfg.depth - 1}] when facet is "
+                    f"set, got {self.facet_layer!r}."
+                )
+        num_blocks = cfg.depth if self.facet is None else self.facet_layer + 1  # blocks that run
         n_train = self.num_trainable_blocks
-        if n_train is not None and not 0 <= n_train <= cfg.depth:
+        if n_train is not None and not 0 <= n_train <= num_blocks:
             raise ValueError(
-                f"num_trainable_blocks={n_train} is outside [0, {cfg.depth}] for this architecture."
+                f"num_trainable_blocks={n_train} is outside [0, {num_blocks}] for this architecture"
+                + ("." if self.facet is None else f" stopping at block {self.facet_layer}.")
             )
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"DinoV2 expects NHWC RGB images (B, H, W, 3), got shape {x.shape}.")
@@ -384,17 +427,18 @@ class DinoV2(nn.Module):
             regs = jnp.broadcast_to(registers, (batch, self.num_register_tokens, dim))
             tokens = jnp.concatenate([tokens[:, :1], regs, tokens[:, 1:]], axis=1)
 
-        blocks = [Block(cfg, name=f"blocks_{i}") for i in range(cfg.depth)]
-        n_frozen = 0 if n_train is None else cfg.depth - n_train
-        for block in blocks[:n_frozen]:
-            tokens = block(tokens)
-        if n_train is not None:
-            # SALAD runs the frozen part under torch.no_grad() and detaches: nothing before
-            # block depth - N (embeddings included) receives a gradient.
+        n_frozen = None if n_train is None else num_blocks - n_train
+        qkv_facet = self.facet if self.facet in QKV_FACETS else None
+        for i in range(num_blocks):
+            if i == n_frozen:
+                # SALAD runs the frozen part under torch.no_grad() and detaches: nothing before
+                # block depth - N (embeddings included) receives a gradient.
+                tokens = jax.lax.stop_gradient(tokens)
+            tokens = Block(cfg, name=f"blocks_{i}")(tokens, facet=qkv_facet if i == num_blocks - 1 else None)
+        if n_frozen == num_blocks:
             tokens = jax.lax.stop_gradient(tokens)
-        for block in blocks[n_frozen:]:
-            tokens = block(tokens)
-        tokens = _layer_norm("norm")(tokens)
+        if self.facet is None:
+            tokens = _layer_norm("norm")(tokens)
 
         cls_out = tokens[:, 0]
         if self.output == "cls":

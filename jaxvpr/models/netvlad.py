@@ -11,7 +11,15 @@ location, K clusters with centroids c_k (K, C) and a 1x1 conv W (no bias):
 The VG benchmark (Berton et al., CVPR 2022) keeps the centroids and the conv
 weight as separate parameters (``aggregation.centroids`` (K, C),
 ``aggregation.conv.weight`` (K, C, 1, 1)) and initialises them from k-means on
-local features (:func:`init_from_features`).
+local features (:func:`init_from_features`). OpenIBL's ``NetVLAD`` + ``EmbedNet``
+(SFRS, Ge et al., ECCV 2020) compute exactly the same descriptor.
+
+``pca_dim > 0`` appends the PCA-whitening projection of the published 4096-d
+NetVLAD descriptors ("NetVLAD + whitening"), as OpenIBL's ``EmbedNetPCA`` stores it: a 1x1 conv
+``pca_layer`` (K*C -> pca_dim, with bias) whose weight is the whitened PCA basis
+(U diag(lambda^-1/2))^T and whose bias is -(U diag(lambda^-1/2))^T mu, followed by L2:
+
+    v_pca    = (W_pca v + b_pca) / ||W_pca v + b_pca||                 (pca_dim descriptor)
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvpr.models.layers import l2_normalize, torch_default_kernel_init
+from jaxvpr.models.layers import l2_normalize, torch_default_bias_init, torch_default_kernel_init
 
 
 def _uniform01(key, shape, dtype=jnp.float32):
@@ -31,9 +39,11 @@ def _uniform01(key, shape, dtype=jnp.float32):
 
 
 class NetVLAD(nn.Module):
-    """NetVLAD head: (B, H, W, C) feature map -> (B, num_clusters * C) unit-norm descriptor."""
+    """NetVLAD head: (B, H, W, C) feature map -> (B, num_clusters * C) unit-norm descriptor,
+    or (B, pca_dim) after the PCA-whitening projection when ``pca_dim > 0``."""
 
     num_clusters: int = 64
+    pca_dim: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -47,7 +57,14 @@ class NetVLAD(nn.Module):
         local = x.reshape(batch, -1, channels)  # (B, HW, C)
         vlad = jnp.einsum("bnk,bnc->bkc", assign, local) - jnp.sum(assign, axis=1)[..., None] * centroids
         vlad = l2_normalize(vlad, axis=-1)  # intra-normalisation
-        return l2_normalize(vlad.reshape(batch, -1), axis=-1)
+        vlad = l2_normalize(vlad.reshape(batch, -1), axis=-1)
+        if self.pca_dim <= 0:
+            return vlad
+        pca = nn.Conv(
+            self.pca_dim, (1, 1), kernel_init=torch_default_kernel_init,
+            bias_init=torch_default_bias_init(vlad.shape[-1]), name="pca_layer",
+        )
+        return l2_normalize(pca(vlad[:, None, None, :]).reshape(batch, -1), axis=-1)
 
 
 def sample_local_descriptors(

@@ -9,7 +9,8 @@ field                  meaning
 ``backbone``           one of :data:`BACKBONES` (``resnet18``, ``resnet50conv4``,
                        ``vgg16``, ``alexnet``, ``dinov2_vitb14``, ``dinov2_vitb14_reg``...)
 ``head``               one of :data:`HEADS`: ``gem``, ``netvlad``, ``mixvpr``,
-                       ``convap``, ``salad``, ``cls`` (DINOv2 class token)
+                       ``convap``, ``salad``, ``anyloc`` (hard-assignment VLAD of a
+                       DINOv2 block's facet), ``cls`` (DINOv2 class token)
 ``trainable_stages``   how many *trailing* backbone stages receive gradients
                        (``None`` = the whole backbone trains, 0 = frozen backbone).
                        Stages: ResNet ``[stem, layer1, ..., layerN]``; VGG16/AlexNet:
@@ -23,23 +24,72 @@ field                  meaning
 ``image_size``         ``(H, W)`` the model was published for, or ``None`` when any
                        size works (MixVPR (320, 320), SALAD (322, 322)); used by
                        :func:`init_variables`.
-head options           gem: ``fc_output_dim``; netvlad: ``num_clusters``;
+``input_norm``         the input normalisation the backbone was trained with, applied
+                       by :class:`VPRModel` (:func:`renormalize_input`): ``imagenet``
+                       (default: inputs pass unchanged) or ``caffe`` -- RGB in 0-255
+                       minus the mean (0.48502, 0.45796, 0.40760) x 255, std 1, the
+                       MatConvNet VGG16 of NetVLAD and SFRS (OpenIBL's
+                       ``Normalize(mean, std=[1/255]*3)``).
+``torch_layout``       PyTorch checkpoint naming for :mod:`jaxvpr.convert`: ``None`` =
+                       the head's anchor (see below), ``openibl`` (VGG16 + NetVLAD as
+                       OpenIBL's ``EmbedNet``/``EmbedNetPCA``: ``base_model.base.<index>``,
+                       ``net_vlad.*``, ``pca_layer.*``) or ``dirtorch`` (a full ResNet +
+                       GeM as dirtorch's ``resnet*_rmac``: ``conv1``, ``bn1``,
+                       ``layer<i>.*``, ``adpool.p``, ``fc.*``). Names only, not weights.
+head options           gem: ``fc_output_dim``, ``l2_before_pool`` (L2 over channels
+                       before GeM: CosPlace True, AP-GeM False), ``whiten`` (AP-GeM's
+                       PCA whitening + L2 after the FC, :class:`~jaxvpr.models.gem.PCAWhitening`);
+                       netvlad: ``num_clusters``, ``pca_dim`` (0 = none; else a 1x1-conv
+                       PCA-whitening projection K*C -> pca_dim + L2, SFRS 4096);
                        mixvpr: ``out_channels, mix_depth, mlp_ratio, out_rows, in_h,
                        in_w``; convap: ``out_channels, s1, s2``; salad:
-                       ``num_clusters, cluster_dim, token_dim, dropout``.
+                       ``num_clusters, cluster_dim, token_dim, dropout``; anyloc:
+                       ``layer`` (0-based block whose facet is aggregated; later
+                       blocks are not run), ``facet`` (``value``, ``query``, ``key``
+                       or ``token``), ``num_clusters`` (vocabulary size);
+                       ``trainable_stages`` counts blocks ``0..layer`` and defaults
+                       to 0 (AnyLoc is not trained).
 =====================  ===============================================================
 
 :class:`VPRModel` = backbone + head. Inputs are NHWC float32 ImageNet-normalised
-images; outputs are L2-normalised descriptors (B, D) -- except a bare ``dinov2_*``
+images (every model; a ``caffe`` model converts them first, see ``input_norm``);
+outputs are L2-normalised descriptors (B, D) -- except a bare ``dinov2_*``
 model (head ``cls``), whose descriptor is the official forward's output, the class
 token after the final LayerNorm, *not* L2-normalised (normalise it yourself if you
 retrieve with it). Variables: ``{'params', 'batch_stats'}`` (no ``batch_stats`` for
-DINOv2-based models).
+DINOv2-based models); AnyLoc models add ``{'vocabulary': {'head': {'centers': (K, C)}}}``,
+the k-means centres (see :mod:`jaxvpr.models.anyloc`). AP-GeM's whitening (``whiten``)
+is ``params['head']['whitening']`` = ``{mean, components, explained_variance}``, which
+:func:`frozen_mask` always marks frozen: training never changes it.
 
 PyTorch naming (for :mod:`jaxvpr.convert`) follows the head's anchor: ``gem`` and
 ``netvlad`` use CosPlace / VG-benchmark names (``backbone.<index>``,
 ``aggregation.*``), ``mixvpr``/``convap`` MixVPR's (``backbone.model.<attr>``,
-``aggregator.*``), ``salad`` SALAD's, ``cls`` the DINOv2 hub model's.
+``aggregator.*``), ``salad`` SALAD's, ``cls`` the DINOv2 hub model's; ``torch_layout``
+selects another anchor's names.
+
+Named CNN models and the published weights they load (``python -m jaxvpr.convert from-torch``):
+
+* ``cosplace_{resnet18_512,resnet50_2048,vgg16_512}``: CosPlace hub / release v1.0
+  ``{backbone}_{dim}_cosplace.pth``.
+* ``eigenplaces_{resnet50_2048,resnet101_2048,resnet101_512,resnet101_256,vgg16_512}``:
+  EigenPlaces hub / release v1.0 ``{backbone}_{dim}_eigenplaces.pth``, CosPlace's network and names.
+* ``netvlad_resnet18conv4_64``: the VG benchmark's ResNet-18 (to layer3) + NetVLAD-64.
+* ``netvlad_vgg16_32768`` / ``netvlad_vgg16_4096``: NetVLAD (Arandjelovic et al., CVPR 2016)
+  VGG16 conv5_3 + NetVLAD-64, without / with the 4096-d PCA whitening; ``caffe`` input and the
+  ``openibl`` layout (``EmbedNet`` / ``EmbedNetPCA``): NetVLAD weights trained with OpenIBL load
+  as they are; the MATLAB Pitts30k model (hloc's ``Pitts30K_struct.mat``) must first be re-saved in
+  that layout (its centres negated, its whitening layer as ``pca_layer``; no converter here yet).
+* ``sfrs_vgg16_4096``: SFRS (Ge et al., ECCV 2020), OpenIBL hub ``vgg16_netvlad`` = release
+  v0.1.0-beta ``vgg16_netvlad.pth``; same network as ``netvlad_vgg16_4096``.
+* ``apgem_resnet101_2048``: AP-GeM (Revaud et al., ICCV 2019), dirtorch ``Resnet-101-AP-GeM.pt``
+  (its ``state_dict``) + the ``Landmarks_clean`` whitening exported to ``.npz``
+  (``from-torch --whitening``; see :mod:`jaxvpr.convert.cnn`). ``whiten=False`` gives kapture's
+  LM18-style unwhitened descriptors.
+* ``mixvpr_resnet50_4096``: MixVPR's ResNet-50 (to layer3) + MixVPR, 320x320.
+* ``convap_resnet50_4096``: Conv-AP (GSV-Cities) ``resnet50_ConvAP_1024_2x2.ckpt`` as
+  VPR-methods-evaluation loads it (``vpr_models/convap.py``): the *full* ResNet-50 (2048 channels)
+  + 1x1 conv to 1024 + 2x2 average bins = 4096-d, images resized to 320x320.
 """
 
 from __future__ import annotations
@@ -74,15 +124,29 @@ BACKBONES: tuple[str, ...] = (
 )
 
 HEAD_OPTIONS: dict[str, dict[str, Any]] = {
-    "gem": {"fc_output_dim": 512},
-    "netvlad": {"num_clusters": 64},
+    "gem": {"fc_output_dim": 512, "l2_before_pool": True, "whiten": False},
+    "netvlad": {"num_clusters": 64, "pca_dim": 0},
     "mixvpr": {"out_channels": 1024, "mix_depth": 4, "mlp_ratio": 1, "out_rows": 4, "in_h": 20, "in_w": 20},
     "convap": {"out_channels": 512, "s1": 2, "s2": 2},
     "salad": {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "dropout": 0.0},
+    "anyloc": {"layer": 31, "facet": "value", "num_clusters": 32},
     "cls": {},
 }
 HEADS: tuple[str, ...] = tuple(HEAD_OPTIONS)
-COMMON_KEYS: tuple[str, ...] = ("name", "backbone", "head", "trainable_stages", "image_size")
+COMMON_KEYS: tuple[str, ...] = (
+    "name", "backbone", "head", "trainable_stages", "image_size", "input_norm", "torch_layout",
+)
+
+# input_norm -> the caffe-style mean subtracted from RGB in 0-255 (std 1), None = ImageNet mean/std.
+INPUT_NORMS: dict[str, tuple[float, float, float] | None] = {
+    "imagenet": None,
+    "caffe": (0.48502, 0.45796, 0.40760),  # OpenIBL / hloc / VPR-methods-evaluation SFRS constants
+}
+# torch_layout -> (heads, backbone families) it names; None (the default) is every head's own anchor.
+TORCH_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "openibl": (("netvlad",), ("vgg",)),
+    "dirtorch": (("gem",), ("resnet",)),
+}
 
 
 def backbone_family(backbone: str) -> str:
@@ -154,7 +218,9 @@ def descriptor_dim(cfg: ml_collections.ConfigDict) -> int:
     head = cfg.head
     if head == "gem":
         return cfg.fc_output_dim
-    if head == "netvlad":
+    if head == "netvlad" and cfg.pca_dim > 0:
+        return cfg.pca_dim
+    if head in ("netvlad", "anyloc"):
         return cfg.num_clusters * feature_dim(cfg)
     if head == "mixvpr":
         return cfg.out_channels * cfg.out_rows
@@ -167,20 +233,48 @@ def descriptor_dim(cfg: ml_collections.ConfigDict) -> int:
 
 # --------------------------------------------------------------------------- named models
 
+# Published descriptor sizes per backbone (CosPlace / EigenPlaces hubconf AVAILABLE_TRAINED_MODELS).
+_COSPLACE_DIMS = {"resnet18": (32, 64, 128, 256, 512), "vgg16": (64, 128, 256, 512),
+                  **{f"resnet{d}": (32, 64, 128, 256, 512, 1024, 2048) for d in (50, 101, 152)}}
+_EIGENPLACES_DIMS = {"resnet18": (256, 512), "resnet50": (128, 256, 512, 2048), "resnet101": (128, 256, 512, 2048),
+                     "vgg16": (512,)}
+
 _NAMED: dict[str, dict[str, Any]] = {
-    # CosPlace (Berton et al., CVPR 2022) torch.hub models.
-    "cosplace_resnet18_512": dict(backbone="resnet18", head="gem", fc_output_dim=512),
-    "cosplace_resnet50_2048": dict(backbone="resnet50", head="gem", fc_output_dim=2048),
-    "cosplace_vgg16_512": dict(backbone="vgg16", head="gem", fc_output_dim=512),
-    # EigenPlaces (Berton et al., ICCV 2023): same network as CosPlace.
-    "eigenplaces_resnet50_2048": dict(backbone="resnet50", head="gem", fc_output_dim=2048),
+    # CosPlace (Berton et al., CVPR 2022) and EigenPlaces (Berton et al., ICCV 2023): every published
+    # (backbone, dimension) of their torch.hub releases (v1.0/{backbone}_{dim}_{method}.pth); the same
+    # network (GeM + FC), CosPlace's layout.
+    **{f"{method}_{backbone}_{dim}": dict(backbone=backbone, head="gem", fc_output_dim=dim)
+       for method, dims in (("cosplace", _COSPLACE_DIMS), ("eigenplaces", _EIGENPLACES_DIMS))
+       for backbone, sizes in dims.items() for dim in sizes},
+    # NetVLAD (Arandjelovic et al., CVPR 2016) VGG16 + NetVLAD-64 (+ PCA whitening to 4096) and
+    # SFRS (Ge et al., ECCV 2020), the same network: MatConvNet ("caffe") input, OpenIBL names.
+    "netvlad_vgg16_32768": dict(
+        backbone="vgg16", head="netvlad", num_clusters=64, input_norm="caffe", torch_layout="openibl",
+    ),
+    "netvlad_vgg16_4096": dict(
+        backbone="vgg16", head="netvlad", num_clusters=64, pca_dim=4096, input_norm="caffe", torch_layout="openibl",
+    ),
+    "sfrs_vgg16_4096": dict(
+        backbone="vgg16", head="netvlad", num_clusters=64, pca_dim=4096, input_norm="caffe", torch_layout="openibl",
+    ),
+    # AP-GeM (Revaud et al., ICCV 2019): ResNet-101 + GeM (no L2 before) + FC + Landmarks_clean whitening.
+    "apgem_resnet101_2048": dict(
+        backbone="resnet101", head="gem", fc_output_dim=2048, l2_before_pool=False, whiten=True,
+        torch_layout="dirtorch",
+    ),
+    # Conv-AP (Ali-bey et al., GSV-Cities 2022) as VPR-methods-evaluation loads it: full ResNet-50
+    # (layer4, 2048 channels), D/4 channels x 2x2 bins, 320x320 input (resnet50_ConvAP_{D/4}_2x2.ckpt).
+    **{f"convap_resnet50_{dim}": dict(
+        backbone="resnet50", head="convap", image_size=(320, 320), out_channels=dim // 4, s1=2, s2=2,
+    ) for dim in (512, 2048, 4096, 8192)},
     # VG benchmark (Berton et al., CVPR 2022) ResNet-18 cropped after layer3 + NetVLAD-64.
     "netvlad_resnet18conv4_64": dict(backbone="resnet18conv4", head="netvlad", num_clusters=64),
-    # MixVPR (Ali-bey et al., WACV 2023): ResNet-50 up to layer3, 320x320 input, 4096-d.
-    "mixvpr_resnet50_4096": dict(
+    # MixVPR (Ali-bey et al., WACV 2023): ResNet-50 up to layer3, 320x320 input; the three released
+    # models resnet50_MixVPR_{D}_channels({C})_rows({R}): 4096 = 1024 x 4, 512 = 256 x 2, 128 = 64 x 2.
+    **{f"mixvpr_resnet50_{channels * rows}": dict(
         backbone="resnet50conv4", head="mixvpr", image_size=(320, 320),
-        out_channels=1024, mix_depth=4, mlp_ratio=1, out_rows=4, in_h=20, in_w=20,
-    ),
+        out_channels=channels, mix_depth=4, mlp_ratio=1, out_rows=rows, in_h=20, in_w=20,
+    ) for channels, rows in ((1024, 4), (256, 2), (64, 2))},
     # DINOv2 (Oquab et al., 2023) torch.hub backbones; descriptor = class token.
     "dinov2_vits14": dict(backbone="dinov2_vits14", head="cls"),
     "dinov2_vitb14": dict(backbone="dinov2_vitb14", head="cls"),
@@ -191,6 +285,22 @@ _NAMED: dict[str, dict[str, Any]] = {
     "salad_dinov2_vitb14": dict(
         backbone="dinov2_vitb14", head="salad", image_size=(322, 322),
         num_clusters=64, cluster_dim=128, token_dim=256, dropout=0.0,
+    ),
+    # AnyLoc-VLAD-DINOv2 (Keetha et al., RA-L 2023): DINOv2 ViT-G/14 value facet of block 31,
+    # hard VLAD over 32 centres, 49152-d. One architecture; the names differ only in the
+    # published vocabulary (release v1 dinov2_vitg14_l31_value_c32_<domain>_c_centers.pt)
+    # that `python -m jaxvpr.convert from-torch --vocabulary` puts in.
+    **{
+        f"anyloc_dinov2_vitg14_{domain}": dict(
+            backbone="dinov2_vitg14", head="anyloc", layer=31, facet="value", num_clusters=32,
+            trainable_stages=0,
+        )
+        for domain in ("indoor", "urban", "aerial", "structured", "unstructured", "global")
+    },
+    # A small AnyLoc (ViT-S/14 value facet of block 3, 8 centres; no published vocabulary):
+    # for tests and quick runs of `python -m jaxvpr.anyloc vocabulary`.
+    "anyloc_dinov2_vits14_l3": dict(
+        backbone="dinov2_vits14", head="anyloc", layer=3, facet="value", num_clusters=8, trainable_stages=0,
     ),
     # Free compositions the anchors train often.
     "resnet50_gem_2048": dict(backbone="resnet50", head="gem", fc_output_dim=2048),
@@ -236,10 +346,12 @@ def model_config(name_or_cfg: str | Mapping[str, Any], **overrides: Any) -> ml_c
 
     if "head" in overrides and overrides["head"] != base.get("head"):
         # Switching heads: the old head's options (and the model's name) do not apply any more.
-        base = {k: v for k, v in base.items() if k in ("backbone", "trainable_stages", "image_size")}
+        base = {k: v for k, v in base.items() if k in ("backbone", "trainable_stages", "image_size", "input_norm")}
     if "backbone" in overrides and overrides["backbone"] != base.get("backbone"):
         base.pop("trainable_stages", None)  # the default depends on the backbone
         base.pop("name", None)
+        base.pop("input_norm", None)  # what the old backbone's weights expected
+        base.pop("torch_layout", None)
     fields = {**base, **overrides}
 
     head = fields["head"]
@@ -252,19 +364,28 @@ def model_config(name_or_cfg: str | Mapping[str, Any], **overrides: Any) -> ml_c
             f"unknown model config key(s) {unknown} for head {head!r}; valid keys: {', '.join(_valid_keys(head))}"
         )
     family = backbone_family(fields["backbone"])
-    if head in ("salad", "cls") and family != "dinov2":
+    if head in ("salad", "anyloc", "cls") and family != "dinov2":
         raise ValueError(f"head {head!r} needs a DINOv2 backbone, got {fields['backbone']!r}")
-    if family == "dinov2" and head not in ("salad", "cls"):
-        raise ValueError(f"DINOv2 backbones work with heads 'salad' or 'cls', got {head!r}")
+    if family == "dinov2" and head not in ("salad", "anyloc", "cls"):
+        raise ValueError(f"DINOv2 backbones work with heads 'salad', 'anyloc' or 'cls', got {head!r}")
+    if head == "anyloc":
+        _check_anyloc(fields)
+    _check_input_norm_and_layout(fields, head, family)
 
     out = {
         "name": fields.get("name") or f"{fields['backbone']}_{head}",
         "backbone": fields["backbone"],
         "head": head,
-        "trainable_stages": fields.get("trainable_stages", default_trainable_stages(fields["backbone"])),
+        "trainable_stages": fields.get(
+            "trainable_stages", 0 if head == "anyloc" else default_trainable_stages(fields["backbone"])
+        ),
         "image_size": tuple(fields["image_size"]) if fields.get("image_size") is not None else None,
+        "input_norm": fields.get("input_norm", "imagenet"),  # checkpoints older than the field: ImageNet
+        "torch_layout": fields.get("torch_layout"),
     }
     stages = num_backbone_stages(out["backbone"])
+    if head == "anyloc":  # only blocks 0..layer run
+        stages = fields.get("layer", HEAD_OPTIONS["anyloc"]["layer"]) + 1
     if out["trainable_stages"] is not None and not 0 <= out["trainable_stages"] <= stages:
         raise ValueError(
             f"trainable_stages={out['trainable_stages']} is outside [0, {stages}] for backbone "
@@ -274,6 +395,37 @@ def model_config(name_or_cfg: str | Mapping[str, Any], **overrides: Any) -> ml_c
         out[key] = fields.get(key, default)
     cfg = ml_collections.ConfigDict(out)
     return cfg
+
+
+def _check_input_norm_and_layout(fields: Mapping[str, Any], head: str, family: str) -> None:
+    input_norm = fields.get("input_norm", "imagenet")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+    layout = fields.get("torch_layout")
+    if layout is None:
+        return
+    if layout not in TORCH_LAYOUTS:
+        raise ValueError(
+            f"unknown torch_layout {layout!r}; valid: None (the head's anchor), {', '.join(TORCH_LAYOUTS)}"
+        )
+    heads, families = TORCH_LAYOUTS[layout]
+    if head not in heads or family not in families:
+        raise ValueError(
+            f"torch_layout {layout!r} names head(s) {', '.join(heads)} on {', '.join(families)} backbones, "
+            f"not head {head!r} on {fields['backbone']!r}; leave torch_layout=None for the head's own anchor"
+        )
+
+
+def _check_anyloc(fields: Mapping[str, Any]) -> None:
+    from jaxvpr.models.dinov2 import FACETS
+
+    depth = _DINOV2_ARCHS[dinov2_spec(fields["backbone"])[0]][1]
+    layer = fields.get("layer", HEAD_OPTIONS["anyloc"]["layer"])
+    if not isinstance(layer, int) or not 0 <= layer < depth:
+        raise ValueError(f"anyloc: layer={layer!r} must be a block index in [0, {depth - 1}] for {fields['backbone']!r}")
+    facet = fields.get("facet", HEAD_OPTIONS["anyloc"]["facet"])
+    if facet not in FACETS:
+        raise ValueError(f"anyloc: facet={facet!r} must be one of {', '.join(FACETS)}")
 
 
 # --------------------------------------------------------------------------- composition
@@ -288,18 +440,22 @@ class VPRModel(nn.Module):
       head: maps the backbone output to (B, D) descriptors; ``None`` for the bare
         DINOv2 model whose descriptor is the class token.
       backbone_output: ``'map'`` (CNNs) or ``'tokens'`` (DINOv2).
+      input_norm: a key of :data:`INPUT_NORMS`, see :func:`renormalize_input`.
     """
 
     backbone: nn.Module
     head: nn.Module | None
     backbone_output: str = "map"
+    input_norm: str = "imagenet"
 
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Descriptors (B, D); with ``return_features`` also the backbone map pooled to (B, C).
+        """Descriptors (B, D) of ImageNet-normalised images; with ``return_features`` also the
+        backbone map pooled to (B, C).
 
         The pooled features (global average over the feature map / patch tokens)
         are what a domain discriminator attached "before aggregation" sees (thesis §4.3).
         """
+        x = renormalize_input(x, self.input_norm)
         if self.backbone_output == "map":
             feature_map = self.backbone(x, train=train)
             descriptors = self.head(feature_map, train=train)
@@ -312,6 +468,22 @@ class VPRModel(nn.Module):
         if return_features:
             return descriptors, jnp.mean(feature_map, axis=(1, 2))
         return descriptors
+
+
+def renormalize_input(x: jax.Array, input_norm: str) -> jax.Array:
+    """ImageNet-normalised images -> the input a backbone trained with ``input_norm`` expects.
+
+    ``imagenet``: unchanged. ``caffe``: back to RGB in [0, 1] (``x * IMAGENET_STD + IMAGENET_MEAN``),
+    then ``255 * (rgb - mean)`` with the mean of :data:`INPUT_NORMS` -- OpenIBL's
+    ``Normalize(mean, std=[1/255]*3)`` on the ``ToTensor`` image.
+    """
+    caffe_mean = INPUT_NORMS[input_norm]
+    if caffe_mean is None:
+        return x
+    from jaxvpr.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = x * jnp.asarray(IMAGENET_STD, x.dtype) + jnp.asarray(IMAGENET_MEAN, x.dtype)
+    return (rgb - jnp.asarray(caffe_mean, x.dtype)) * 255.0
 
 
 def build_model(cfg: ml_collections.ConfigDict | str | Mapping[str, Any]) -> VPRModel:
@@ -336,19 +508,20 @@ def build_model(cfg: ml_collections.ConfigDict | str | Mapping[str, Any]) -> VPR
     else:
         dinov2 = _import_b2("jaxvpr.models.dinov2", cfg)
         arch, registers = dinov2_spec(cfg.backbone)
+        facet = dict(facet=cfg.facet, facet_layer=cfg.layer) if cfg.head == "anyloc" else {}
         backbone = dinov2.DinoV2(
-            arch=arch, num_register_tokens=registers, num_trainable_blocks=trainable, output="tokens"
+            arch=arch, num_register_tokens=registers, num_trainable_blocks=trainable, output="tokens", **facet
         )
 
     head = cfg.head
     if head == "gem":
         from jaxvpr.models.gem import GeMHead
 
-        head_module = GeMHead(fc_output_dim=cfg.fc_output_dim)
+        head_module = GeMHead(fc_output_dim=cfg.fc_output_dim, l2_before_pool=cfg.l2_before_pool, whiten=cfg.whiten)
     elif head == "netvlad":
         from jaxvpr.models.netvlad import NetVLAD
 
-        head_module = NetVLAD(num_clusters=cfg.num_clusters)
+        head_module = NetVLAD(num_clusters=cfg.num_clusters, pca_dim=cfg.pca_dim)
     elif head == "mixvpr":
         from jaxvpr.models.mixvpr import MixVPR
 
@@ -366,9 +539,15 @@ def build_model(cfg: ml_collections.ConfigDict | str | Mapping[str, Any]) -> VPR
             num_channels=feature_dim(cfg), num_clusters=cfg.num_clusters,
             cluster_dim=cfg.cluster_dim, token_dim=cfg.token_dim, dropout=cfg.dropout,
         )
+    elif head == "anyloc":
+        anyloc = _import_b2("jaxvpr.models.anyloc", cfg)
+        head_module = anyloc.AnyLocVLAD(num_clusters=cfg.num_clusters, num_channels=feature_dim(cfg))
     else:
         head_module = None
-    return VPRModel(backbone=backbone, head=head_module, backbone_output="tokens" if family == "dinov2" else "map")
+    return VPRModel(
+        backbone=backbone, head=head_module, backbone_output="tokens" if family == "dinov2" else "map",
+        input_norm=cfg.input_norm,
+    )
 
 
 def _import_b2(module: str, cfg) -> Any:
@@ -423,8 +602,9 @@ def _variable_shapes_cached(key: str) -> dict:
 def frozen_mask(cfg: ml_collections.ConfigDict | str, params: Mapping[str, Any]) -> Any:
     """Bool pytree shaped like ``params`` (the ``'params'`` collection): True = frozen.
 
-    Frozen = parameters of backbone stages before the last ``cfg.trainable_stages``.
-    The forward pass already stops gradients there (so their gradients are zero);
+    Frozen = parameters of backbone stages before the last ``cfg.trainable_stages``,
+    and a head's fixed statistics (AP-GeM's PCA ``whitening``), whatever the policy.
+    The forward pass already stops gradients in the backbone (so their gradients are zero);
     use this mask to keep the optimiser from touching them (e.g. weight decay), e.g.
     ``optax.masked(opt, jax.tree.map(lambda f: not f, mask))``.
     """
@@ -448,6 +628,9 @@ def frozen_mask(cfg: ml_collections.ConfigDict | str, params: Mapping[str, Any])
         backbone_mask = _dinov2_frozen_mask(cfg, backbone_params)
     mask = {k: jax.tree_util.tree_map(lambda _: False, v) for k, v in params.items()}
     mask["backbone"] = backbone_mask
+    if "whitening" in params.get("head", {}):  # learned offline on landmark descriptors, never trained here
+        whitening = jax.tree_util.tree_map(lambda _: True, params["head"]["whitening"])
+        mask["head"] = {**mask["head"], "whitening": whitening}
     return mask
 
 
