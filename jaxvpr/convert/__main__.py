@@ -23,6 +23,10 @@ model uses plus the centres as ``c_centers`` (K, C): load it into the hub model 
 ``strict=False`` after popping ``c_centers``; ``torch.save`` of that tensor alone is AnyLoc's
 vocabulary file. ``from-torch`` reads such a file back without ``--vocabulary``.
 
+NetVLAD's MATLAB release (hloc's ``Pitts30K_struct.mat``, a ``.mat`` suffix) converts to
+``netvlad_vgg16_4096`` or ``netvlad_vgg16_32768`` (``--weights Pitts30K_struct.mat``); the layers it
+reads, the re-ordering and the mean-image check are in :mod:`jaxvpr.convert.matconvnet`.
+
 AP-GeM (``apgem_resnet101_2048``) keeps its PCA whitening outside the PyTorch state dict: give it
 as ``--whitening FILE.npz`` (``mean``, ``components``, ``explained_variance``; ``from-torch --help``
 prints the one-off export from dirtorch's checkpoint, :data:`jaxvpr.convert.cnn.WHITENING_EXPORT`)
@@ -84,8 +88,12 @@ def from_torch(args) -> int:
     from jaxvpr.models import model_config
 
     cfg = model_config(args.model, **({"whiten": False} if args.no_whitening else {}))
-    state_dict = read_state_dict(args.weights)
-    source = "pytorch"
+    if Path(args.weights).suffix.lower() == ".mat":  # NetVLAD's MATLAB release
+        from jaxvpr.convert.matconvnet import read_netvlad_mat
+
+        state_dict, source = read_netvlad_mat(args.weights, cfg), "matconvnet"
+    else:
+        state_dict, source = read_state_dict(args.weights), "pytorch"
     if cfg.backbone.startswith("dinov2") and cfg.head in ("cls", "anyloc") and is_hf_dinov2(state_dict):
         state_dict, source = hf_dinov2_to_official(state_dict), "hf-transformers"
     if args.imagenet:
@@ -138,7 +146,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("from-torch", help="PyTorch weights -> jaxvpr checkpoint", epilog=WHITENING_EXPORT,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name (python -m jaxvpr.evaluate --list-models)")
-    p.add_argument("--weights", required=True, help=".pth/.pt, Lightning .ckpt or .safetensors")
+    p.add_argument("--weights", required=True,
+                   help=".pth/.pt, Lightning .ckpt or .safetensors (or NetVLAD's MATLAB .mat release)")
     p.add_argument("--out", required=True, help="output checkpoint folder (must not hold step 0 already)")
     p.add_argument("--imagenet", action="store_true",
                    help="weights are a torchvision ImageNet classifier: take its backbone, random head")

@@ -70,26 +70,27 @@ selects another anchor's names.
 
 Named CNN models and the published weights they load (``python -m jaxvpr.convert from-torch``):
 
-* ``cosplace_{resnet18_512,resnet50_2048,vgg16_512}``: CosPlace hub / release v1.0
-  ``{backbone}_{dim}_cosplace.pth``.
-* ``eigenplaces_{resnet50_2048,resnet101_2048,resnet101_512,resnet101_256,vgg16_512}``:
-  EigenPlaces hub / release v1.0 ``{backbone}_{dim}_eigenplaces.pth``, CosPlace's network and names.
+* ``cosplace_{backbone}_{dim}`` (30: ResNet-18 32-512, ResNet-50/101/152 32-2048, VGG16 64-512):
+  CosPlace hub / release v1.0 ``{backbone}_{dim}_cosplace.pth``.
+* ``eigenplaces_{backbone}_{dim}`` (11: ResNet-18 256/512, ResNet-50/101 128/256/512/2048, VGG16
+  512): EigenPlaces hub / release v1.0 ``{backbone}_{dim}_eigenplaces.pth``, CosPlace's network and names.
 * ``netvlad_resnet18conv4_64``: the VG benchmark's ResNet-18 (to layer3) + NetVLAD-64.
 * ``netvlad_vgg16_32768`` / ``netvlad_vgg16_4096``: NetVLAD (Arandjelovic et al., CVPR 2016)
   VGG16 conv5_3 + NetVLAD-64, without / with the 4096-d PCA whitening; ``caffe`` input and the
   ``openibl`` layout (``EmbedNet`` / ``EmbedNetPCA``): NetVLAD weights trained with OpenIBL load
-  as they are; the MATLAB Pitts30k model (hloc's ``Pitts30K_struct.mat``) must first be re-saved in
-  that layout (its centres negated, its whitening layer as ``pca_layer``; no converter here yet).
+  as they are; the MATLAB Pitts30k release (hloc's ``Pitts30K_struct.mat``) converts with
+  :mod:`jaxvpr.convert.matconvnet` (``from-torch --weights Pitts30K_struct.mat``).
 * ``sfrs_vgg16_4096``: SFRS (Ge et al., ECCV 2020), OpenIBL hub ``vgg16_netvlad`` = release
   v0.1.0-beta ``vgg16_netvlad.pth``; same network as ``netvlad_vgg16_4096``.
 * ``apgem_resnet101_2048``: AP-GeM (Revaud et al., ICCV 2019), dirtorch ``Resnet-101-AP-GeM.pt``
   (its ``state_dict``) + the ``Landmarks_clean`` whitening exported to ``.npz``
   (``from-torch --whitening``; see :mod:`jaxvpr.convert.cnn`). ``whiten=False`` gives kapture's
   LM18-style unwhitened descriptors.
-* ``mixvpr_resnet50_4096``: MixVPR's ResNet-50 (to layer3) + MixVPR, 320x320.
-* ``convap_resnet50_4096``: Conv-AP (GSV-Cities) ``resnet50_ConvAP_1024_2x2.ckpt`` as
+* ``mixvpr_resnet50_{128,512,4096}``: MixVPR's ResNet-50 (to layer3) + MixVPR, 320x320
+  (``resnet50_MixVPR_{D}_channels({C})_rows({R})``).
+* ``convap_resnet50_{512,2048,4096,8192}``: Conv-AP (GSV-Cities) ``resnet50_ConvAP_{D/4}_2x2.ckpt`` as
   VPR-methods-evaluation loads it (``vpr_models/convap.py``): the *full* ResNet-50 (2048 channels)
-  + 1x1 conv to 1024 + 2x2 average bins = 4096-d, images resized to 320x320.
+  + 1x1 conv to D/4 + 2x2 average bins = D, images resized to 320x320.
 """
 
 from __future__ import annotations

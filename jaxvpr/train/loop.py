@@ -72,7 +72,7 @@ def run_model_config(config: ConfigDict) -> ConfigDict:
 # Fields of a model config that do not change its parameters: a checkpoint of the same architecture
 # initialises a run whatever its name, freezing policy or dropout rate (e.g. the converted CosPlace hub model with
 # --config.model.train_all_layers=True).
-_NON_ARCHITECTURE_KEYS = ("name", "trainable_stages", "image_size", "dropout")
+_NON_ARCHITECTURE_KEYS = ("name", "trainable_stages", "image_size", "dropout", "torch_layout")  # naming only
 
 
 def load_init_checkpoint(path: str, model_cfg: ConfigDict, expected_variables) -> Any:
