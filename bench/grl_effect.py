@@ -2,8 +2,10 @@
 
     python bench/grl_effect.py --seeds 0,1,2 --out workdir/grl_effect
 
-For each seed: the CosPlace baseline of configs/demo_baseline.py (trained once per seed, cached like
-the demo's), then three fine-tunings from it with that seed: configs/demo_nogrl.py (the control),
+For each seed: the CosPlace baseline of configs/study_baseline.py (``--baseline``; the demo's own
+configs/demo_baseline.py is shorter, for the demo's 10-minute budget), trained once per seed and
+cached like the demo's, then three fine-tunings from it with that seed, at the baseline's crop
+size: configs/demo_nogrl.py (the control),
 configs/demo.py with lambda = 0 (target images only share the BatchNorm batch: the statistics adapt,
 no adversarial gradient; separates that effect from the GRL's) and configs/demo.py (GRL). Each
 model is evaluated on the validation queries (pedestrian views of a held-out area, day and night), the day test
@@ -105,15 +107,17 @@ def chance_levels(root: Path) -> dict:
     return out
 
 
-def run_seed(seed: int, out: Path) -> dict:
-    base_cfg = load_config_file("demo_baseline")
+def run_seed(seed: int, out: Path, baseline_name: str = "study_baseline") -> dict:
+    base_cfg = load_config_file(baseline_name)
     base_cfg.seed = seed
     root = fmt.dataset_root("", base_cfg.data.synthetic_preset, base_cfg.data.synthetic_seed)
     rows = {}
     model_cfg = run_model_config(base_cfg)
     model = build_model(model_cfg)
-    rows["random init"] = describe_all(model, init_variables(model_cfg, jax.random.key(seed), image_size=(80, 80)), root)
-    baseline = ensure_trained("demo_baseline", base_cfg)
+    size = base_cfg.data.image_size
+    rows["random init"] = describe_all(model, init_variables(model_cfg, jax.random.key(seed), image_size=(size, size)),
+                                       root)
+    baseline = ensure_trained(baseline_name, base_cfg)
     rows["baseline"] = describe_all(model, load_model(baseline)[1], root)
     arms = (("no-GRL fine-tuning", "demo_nogrl", None),
             ("target in BatchNorm only (GRL, lambda 0)", "demo", 0.0),
@@ -121,6 +125,7 @@ def run_seed(seed: int, out: Path) -> dict:
     for label, name, weight in arms:
         cfg = load_config_file(name)
         cfg.seed = seed
+        cfg.data.image_size = size
         if weight is not None:
             cfg.grl.weight = weight
         cfg.model.init_checkpoint = str(baseline)
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="workdir/grl_effect")
+    parser.add_argument("--baseline", default="study_baseline",
+                        help="config of the CosPlace baseline (configs/<name>.py); demo_baseline = the demo's")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         path = out / f"seed{seed}.json"
         if not path.exists():  # a finished seed is not run again
-            path.write_text(json.dumps(run_seed(seed, out), indent=2) + "\n")
+            path.write_text(json.dumps(run_seed(seed, out, args.baseline), indent=2) + "\n")
         per_seed[seed] = json.loads(path.read_text())
         print(f"seed {seed} done", flush=True)
     labels = list(per_seed[seeds[0]]["rows"])
@@ -160,7 +167,8 @@ def main(argv=None) -> int:
     table = {label: {k: [per_seed[s]["rows"][label][k] for s in seeds] for k in keys} for label in labels}
     chance = per_seed[seeds[0]]["chance"]
     header = "| model | " + " | ".join(keys) + " |"
-    lines = [f"Seeds {seeds}; mean ± std; recalls in % at 25 m; probe = held-out day-vs-night accuracy (%); "
+    lines = [f"Baseline configs/{args.baseline}.py; seeds {seeds}; mean ± std; recalls in % at 25 m; "
+             "probe = held-out day-vs-night accuracy (%); "
              "MMD = squared MMD between day and night test-query descriptors (RBF kernel, median bandwidth)",
              header, "|" + " --- |" * (len(keys) + 1)]
     for label in labels:
