@@ -194,14 +194,7 @@ def test_two_process_evaluation_gives_the_same_recalls(tmp_path, tiny_city):
     subprocess.run([sys.executable, *common, "--out", str(single)], env=_env(), cwd=REPO, check=True,
                    timeout=600, capture_output=True)
     multi = tmp_path / "multi"
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, *common, "--out", str(multi)], cwd=REPO,
-                              env=_env(JAXVPR_COORDINATOR=f"127.0.0.1:{port}", JAXVPR_NUM_PROCESSES="2",
-                                       JAXVPR_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert "results.json" in outs[0][0] and "results.json" not in outs[1][0], "only process 0 reports"
+    _two_processes([*common, "--out", str(multi)], reports="results.json")
 
     a = json.loads((single / "results.json").read_text())
     b = json.loads((multi / "results.json").read_text())
@@ -215,6 +208,21 @@ def test_two_process_evaluation_gives_the_same_recalls(tmp_path, tiny_city):
                                   np.load(multi / "predictions.npy")[:, :5])
 
 
+def _two_processes(args: list[str], reports: str) -> str:
+    """Runs ``python ARGS`` as 2 processes on 127.0.0.1; both must succeed and only process 0 print
+    ``reports`` (the name of its report file). Returns process 0's output."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *args], cwd=REPO,
+                              env=_env(JAXVPR_COORDINATOR=f"127.0.0.1:{port}", JAXVPR_NUM_PROCESSES="2",
+                                       JAXVPR_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert reports in outs[0][0] and reports not in outs[1][0], "only process 0 reports"
+    return outs[0][0]
+
+
+@pytest.mark.slow
 def test_two_process_benchmark_gives_the_same_tables_and_shares_the_cache(tmp_path, tiny_indoor):
     floor = sorted(p for p in Path(tiny_indoor).iterdir() if (p / "database").is_dir())[0]
     common = ["-m", "jaxvpr.benchmark", "--dataset", str(floor), "--thresholds", "1:5,10,25",
@@ -222,26 +230,15 @@ def test_two_process_benchmark_gives_the_same_tables_and_shares_the_cache(tmp_pa
     single = tmp_path / "single"
     subprocess.run([sys.executable, *common, "--out", str(single)], env=_env(), cwd=REPO, check=True,
                    timeout=600, capture_output=True)
-
-    def two_processes(out):
-        port = _free_port()
-        procs = [subprocess.Popen([sys.executable, *common, "--out", str(out)], cwd=REPO,
-                                  env=_env(JAXVPR_COORDINATOR=f"127.0.0.1:{port}", JAXVPR_NUM_PROCESSES="2",
-                                           JAXVPR_PROCESS_ID=str(i)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-        outs = [p.communicate(timeout=600) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-        assert "benchmark.md" in outs[0][0] and "benchmark.md" not in outs[1][0], "only process 0 reports"
-        return outs[0][0]
-
     multi = tmp_path / "multi"
-    assert "1 pairs described, 0 from the cache" in two_processes(multi)
+    assert "1 pairs described, 0 from the cache" in _two_processes([*common, "--out", str(multi)], "benchmark.md")
     a = json.loads((single / "benchmark.json").read_text())["results"]["r18"][floor.name]
     b = json.loads((multi / "benchmark.json").read_text())["results"]["r18"][floor.name]
     for ra, rb in zip(a["results"], b["results"], strict=True):
         assert ra["upper_bound"] == rb["upper_bound"]
         assert ra["recall"] == pytest.approx(rb["recall"], abs=1e-9)
-    assert "0 pairs described, 1 from the cache" in two_processes(multi)  # both processes agree on the cache
+    again = _two_processes([*common, "--out", str(multi)], "benchmark.md")
+    assert "0 pairs described, 1 from the cache" in again  # both processes agree on the cache
 
 
 DEATH_SCRIPT = """
