@@ -180,12 +180,13 @@ def _ranges(values: Iterable[int]) -> list[tuple[int, int]]:
 def crop_to_patch_multiple(image: np.ndarray, patch: int = PATCH_SIZE) -> np.ndarray:
     """Centre crop of an (H, W, C) image to ``(H // patch * patch, W // patch * patch)``, the corner
     at ``round((H - h) / 2)`` like ``torchvision.transforms.CenterCrop`` (AnyLoc's crop)."""
+    from jaxvpr.testtime import center_crop
+
     height, width = image.shape[:2]
     h, w = height // patch * patch, width // patch * patch
     if h == 0 or w == 0:
         raise ValueError(f"an image of {height}x{width} pixels is smaller than one {patch}x{patch} patch")
-    top, left = int(round((height - h) / 2.0)), int(round((width - w) / 2.0))
-    return image[top : top + h, left : left + w]
+    return center_crop(image, (h, w))
 
 
 def sample_paths(paths: Sequence[str], max_images: int | None, seed: int) -> list[str]:

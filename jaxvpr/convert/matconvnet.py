@@ -62,7 +62,7 @@ def load_matconvnet_net(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"MATLAB file not found: {path}")
     try:
         mat = loadmat(path, struct_as_record=False, squeeze_me=True)
-    except Exception as err:  # scipy raises ValueError/TypeError/NotImplementedError (v7.3 HDF5 files)
+    except (ValueError, TypeError, NotImplementedError, OSError) as err:  # v7.3 (HDF5) files: NotImplementedError
         raise ValueError(f"{path}: could not be read with scipy.io.loadmat: {err}") from err
     if "net" not in mat:
         names = sorted(k for k in mat if not k.startswith("__"))
