@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import assert_same_training
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 
@@ -72,18 +74,6 @@ def _params(workdir):
     return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
 
 
-def _assert_same(a, b, steps=4, lr=1e-4):
-    """Equal to fp tolerance. Adam moves a weight by about lr per step whatever its gradient's size,
-    so a weight whose gradient is ~0 may differ by up to ~lr per step between two summation orders:
-    such weights must be rare (every stage trains, so BatchNorm running statistics downstream of them
-    move too: at most 1% of an array), and none may differ by more than 2 * steps * lr."""
-    assert a.keys() == b.keys()
-    for k in a:
-        close = np.isclose(a[k], b[k], rtol=2e-4, atol=2e-5)
-        assert close.mean() >= 0.99, (k, close.size - close.sum())
-        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2 * steps * lr, err_msg=k)
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, tiny_city):
     cache = str(Path(tiny_city).parent)  # the session's synthetic-city cache
@@ -103,7 +93,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     step_1, a = _params(one)
     step_2, b = _params(two)
     assert step_1 == step_2 == 4
-    _assert_same(a, b)
+    assert_same_training(a, b)
     # Same training curve and the same test recalls, written once by process 0.
     epochs = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()
                         if json.loads(l)["kind"] == "epoch"]
@@ -126,7 +116,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     assert "Resuming" in r.stdout
     step_3, c = _params(three)
     assert step_3 == 4
-    _assert_same(a, c)
+    assert_same_training(a, c)
 
 
 # The triplet demo (indoor floors, mined triplets) cut down to a few steps of a small network.
@@ -156,8 +146,8 @@ TRIPLET_OVERRIDES = [
 @pytest.mark.slow
 def test_two_processes_mine_and_train_triplets_like_one(tmp_path, tiny_indoor):
     """Two processes mine one set of triplets (descriptors gathered across processes; the trainer
-    checks that every process holds the same triplets and stops otherwise) and train a run like one
-    process on as many devices. Not to the bit: the two topologies describe images with different
+    checks that every process holds the same triplets and stops otherwise) and train, with the
+    parameters FSDP-sharded across the processes' devices, a run like one process on as many devices. Not to the bit: the two topologies describe images with different
     batch splits, and near-tied descriptors of a random network can then rank two negatives the
     other way round, so the runs may mine a few different triplets."""
     env = _env(JAXVPR_CACHE=str(Path(tiny_indoor).parent))
@@ -166,9 +156,10 @@ def test_two_processes_mine_and_train_triplets_like_one(tmp_path, tiny_indoor):
                        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=REPO,
                        timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = tmp_path / "two"
+    two = tmp_path / "two"  # and the parameters FSDP-sharded over the 4 devices of the two processes
     r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "2", "--devices-per-process", "2",
-                        "--port", str(_free_port()), *TRIPLET_OVERRIDES, "--workdir", str(two)],
+                        "--port", str(_free_port()), *TRIPLET_OVERRIDES, "--config.mesh.shard_params=True",
+                        "--workdir", str(two)],
                        env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch 2/2") == 1, "only process 0 prints"

@@ -4,12 +4,17 @@ Recipe runs use the synthetic `indoor_tiny` floors (96 px) and small networks, a
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import final_params
+from helpers import assert_same_training, final_params
+
+REPO = Path(__file__).resolve().parents[1]
 from jaxvpr.train.config import ConfigError, triplet_config
 
 
@@ -119,49 +124,98 @@ def test_thesis_radius_larger_than_a_small_floor_is_a_clear_error(tiny_indoor, t
         TripletTrainer(c, tmp_path / "w").fit()
 
 
-# ----------------------------------------------------------------------------- the recipe
+# ----------------------------------------------------------------------------- the step: devices, FSDP, bf16
+def _steps(out, devices=1, *flags):
+    """Four triplet steps of a small ResNet from one initial state on fixed batches, on ``devices``
+    simulated devices (``tests/scripts/train_steps.py``): ``{leaf: array}``, the losses, the dtypes."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    subprocess.run([sys.executable, str(REPO / "tests/scripts/train_steps.py"), str(out), "--recipe", "triplet",
+                    *flags], check=True, env=env, cwd=REPO, timeout=600)
+    z = np.load(out)
+    assert int(z["__devices__"]) == devices
+    return {k: z[k] for k in z.files if not k.startswith("__")}, z["__loss__"], list(z["__dtypes__"])
+
+
+@pytest.fixture(scope="module")
+def one_device_fp32(tmp_path_factory):
+    return _steps(tmp_path_factory.mktemp("triplet_steps") / "one.npz")
+
+
 @pytest.mark.slow
-def test_resume_mid_refresh_restores_the_mined_triplets_and_gives_the_same_parameters(tiny_indoor, tmp_path,
-                                                                                      monkeypatch):
+def test_triplet_step_on_eight_devices_with_fsdp_matches_one_device(one_device_fp32, tmp_path):
+    """The same jitted step with the batch split over 8 devices and the parameters FSDP-sharded
+    (``mesh.shard_params``): the same losses and parameters to fp tolerance (BatchNorm statistics are
+    the global batch's, as on one device)."""
+    a, loss_a, _ = one_device_fp32
+    b, loss_b, _ = _steps(tmp_path / "eight.npz", 8, "--fsdp")
+    np.testing.assert_allclose(loss_a, loss_b, rtol=5e-4)
+    # BatchNorm layers of 64 channels: a few running means per array move with weights that Adam
+    # moved by ~lr on one side only.
+    assert_same_training(a, b, steps=4, lr=1e-4, min_close=0.9)
+
+
+@pytest.mark.slow
+def test_triplet_step_in_bf16_keeps_fp32_state_and_follows_the_fp32_loss(one_device_fp32, tmp_path):
+    """``train.mixed_precision``: bf16 activations and weights in the forward, fp32 parameters,
+    optimizer state and BatchNorm statistics. The loss follows fp32's to bf16 precision and falls."""
+    a, loss_a, dtypes_a = one_device_fp32
+    b, loss_b, dtypes_b = _steps(tmp_path / "bf16.npz", 1, "--bf16")
+    assert dtypes_a == dtypes_b == ["float32", "int32"]
+    np.testing.assert_allclose(loss_b, loss_a, rtol=3e-2)
+    assert loss_b[-1] < 0.8 * loss_b[0], loss_b
+    for k in a:
+        assert np.all(np.isfinite(b[k])), k
+
+
+# ----------------------------------------------------------------------------- the recipe
+def resume_config(root):
+    """The resume test's run: 2 epochs of 2 cache refreshes of 3 steps, a checkpoint every 2 steps
+    (``tests/scripts/triplet_killed.py`` runs it too)."""
+    c = _config(root, epochs=2, queries_per_epoch="24", cache_refresh_rate=12, checkpoint_every=2, log_every=1)
+    c.model.name = ""
+    c.model.backbone, c.model.head, c.model.fc_output_dim = "resnet18conv4", "gem", 64
+    c.data.train_crop = 48
+    return c
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_refresh_restores_the_mined_triplets_and_gives_the_same_parameters(
+        tiny_indoor, tmp_path, monkeypatch):
     from jaxvpr.train.triplet import TripletTrainer
 
-    small = dict(epochs=2, queries_per_epoch="24", cache_refresh_rate=12, checkpoint_every=2, log_every=1)
+    straight = TripletTrainer(resume_config(tiny_indoor), tmp_path / "straight").fit()
 
-    def config():
-        c = _config(tiny_indoor, **small)
-        c.model.name = ""
-        c.model.backbone, c.model.head, c.model.fc_output_dim = "resnet18conv4", "gem", 64
-        c.data.train_crop = 48
-        return c
+    # The same run in a subprocess that SIGKILLs itself (no cleanup, an asynchronous checkpoint
+    # possibly half written) at step 5 of epoch 0: refresh 1, step 2 of 3. Its last complete
+    # checkpoint is step 4 (inside refresh 1) or, if that one was still being written, step 2
+    # (inside refresh 0). Either way the refresh of that step must come back from the checkpoint
+    # with its triplets, not be mined again with the changed model.
+    killed = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, str(REPO / "tests/scripts/triplet_killed.py"), str(tiny_indoor),
+                        str(killed), "5"], env=dict(env, JAX_PLATFORMS="cpu"), cwd=REPO, timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-3000:]
+    from jaxvpr.checkpoint import read_meta
 
-    straight = TripletTrainer(config(), tmp_path / "straight").fit()
+    _, _, at_kill = read_meta(killed / "checkpoints", "latest")
+    assert at_kill in (2, 4), at_kill
 
-    # Interrupt the same run at step 5 of epoch 0 (refresh 1, step 2 of 3): the last checkpoint is
-    # step 4, inside refresh 1, whose triplets must come back from the checkpoint, not a new mining
-    # with the changed model.
     calls = {"mine": 0}
-    real_mine, real_batches = TripletTrainer.mine, TripletTrainer.batches
+    real_mine = TripletTrainer.mine
 
     def counting_mine(self, *a, **k):
         calls["mine"] += 1
         return real_mine(self, *a, **k)
 
-    def dying_batches(self, epoch, start, current_state):
-        for n, item in enumerate(real_batches(self, epoch, start, current_state)):
-            if epoch == 0 and start + n == 5:
-                raise KeyboardInterrupt("killed")
-            yield item
-
-    monkeypatch.setattr(TripletTrainer, "batches", dying_batches)
-    with pytest.raises(KeyboardInterrupt):
-        TripletTrainer(config(), tmp_path / "killed").fit()
-    monkeypatch.setattr(TripletTrainer, "batches", real_batches)
     monkeypatch.setattr(TripletTrainer, "mine", counting_mine)
-    resumed = TripletTrainer(config(), tmp_path / "killed").fit()
-    assert calls["mine"] == 2  # epoch 1's two refreshes; epoch 0's refresh 1 came from the checkpoint
+    resumed = TripletTrainer(resume_config(tiny_indoor), killed).fit()
+    # Refreshes start at steps 1, 4, 7, 10: the one holding the checkpoint's step is restored.
+    assert calls["mine"] == {2: 3, 4: 2}[at_kill]
 
     step_a, a = final_params(tmp_path / "straight")
-    step_b, b = final_params(tmp_path / "killed")
+    step_b, b = final_params(killed)
     assert step_a == step_b == 12
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
