@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxvpr.models.layers import torch_default_bias_init
+from jaxvpr.models.layers import torch_conv, torch_default_bias_init
 
 KL_WEIGHT = 0.001
 """Weight of the pseudo-KL term ``mean(z ** 2)`` (BiOST ``kl_lambda``; AdAGeo eq. 4)."""
@@ -73,15 +73,8 @@ def instance_norm(x: jax.Array, eps: float = INSTANCE_NORM_EPS) -> jax.Array:
 
 def _conv(features: int, kernel_size: int, stride: int, padding: int, in_features: int, name: str) -> nn.Conv:
     """``nn.Conv2d(in, features, k, stride, padding)`` (zero padding) with BiOST's init."""
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        kernel_init=weight_init,
-        bias_init=torch_default_bias_init(in_features * kernel_size * kernel_size),
-        name=name,
-    )
+    return torch_conv(features, kernel_size, stride, padding, kernel_init=weight_init, name=name,
+                      bias_init=torch_default_bias_init(in_features * kernel_size * kernel_size))
 
 
 def _conv_transpose_x2(features: int, name: str) -> nn.ConvTranspose:

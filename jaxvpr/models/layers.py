@@ -53,6 +53,7 @@ def torch_conv(
     use_bias: bool = True,
     kernel_init=conv_kaiming_fan_out,
     name: str | None = None,
+    bias_init=nn.initializers.zeros_init(),
 ) -> nn.Conv:
     """An ``nn.Conv`` configured like ``torch.nn.Conv2d(k, stride, padding)`` (symmetric zero padding)."""
     return nn.Conv(
@@ -62,6 +63,7 @@ def torch_conv(
         padding=((padding, padding), (padding, padding)),
         use_bias=use_bias,
         kernel_init=kernel_init,
+        bias_init=bias_init,
         name=name,
     )
 
