@@ -9,6 +9,9 @@ Any config field can be overridden on the command line; an unknown field is an e
 - ``triplet``: triplet fine-tuning with the VG benchmark's mining (thesis §5.4), several training
   datasets separated or aggregated; see ``jaxvpr/train/triplet.py`` and ``triplet_config`` in
   ``jaxvpr/train/config.py``.
+- ``adageo``: AdAGeo (WACV 2021): phase 1 (DDDA pseudo-targets from a few target images) then the
+  attentive NetVLAD with a 3-domain GRL and the triplet loss; see ``jaxvpr/train/adageo.py``.
+- ``ddda``: AdAGeo's phase 1 alone; see ``jaxvpr/train/ddda.py``.
 - ``evaluate``: describe a split's database and query folders with a model and report recalls.
 """
 
@@ -63,7 +66,8 @@ def run_training(config: ConfigDict, workdir: Path) -> dict:
     return train(config, workdir)
 
 
-RECIPES = {"cosplace": run_training, "triplet": run_training, "evaluate": run_evaluate}
+RECIPES = {"cosplace": run_training, "triplet": run_training, "adageo": run_training, "ddda": run_training,
+           "evaluate": run_evaluate}
 
 
 def main(argv):

@@ -12,6 +12,8 @@ References (never the code under test):
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -66,47 +68,13 @@ def leaves(tree) -> np.ndarray:
 
 
 def torch_reference():
-    """``(Encoder, Decoder)`` classes: BiOST's networks rebuilt from the sheet's layer list (A.1.2)."""
-    torch = pytest.importorskip("torch")
-    tnn = torch.nn
-
-    class ResnetBlock(tnn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.conv_block = tnn.Sequential(
-                tnn.ReflectionPad2d(1), tnn.Conv2d(dim, dim, 3), tnn.InstanceNorm2d(dim), tnn.ReLU(True),
-                tnn.ReflectionPad2d(1), tnn.Conv2d(dim, dim, 3), tnn.InstanceNorm2d(dim),
-            )
-
-        def forward(self, x):
-            return x + self.conv_block(x)
-
-    class Encoder(tnn.Module):
-        def __init__(self, ngf=64, n_down=2, n_res=4):
-            super().__init__()
-            layers = [tnn.ReflectionPad2d(3), tnn.Conv2d(3, ngf, 7), tnn.InstanceNorm2d(ngf), tnn.ReLU(True)]
-            for i in range(n_down):
-                c = ngf * 2 ** i
-                layers += [tnn.Conv2d(c, 2 * c, 3, stride=2, padding=1), tnn.InstanceNorm2d(2 * c), tnn.ReLU(True)]
-            layers += [ResnetBlock(ngf * 2 ** n_down) for _ in range(n_res)]
-            self.model = tnn.Sequential(*layers)
-
-        def forward(self, x):
-            return self.model(x)
-
-    class Decoder(tnn.Module):
-        def __init__(self, ngf=64, n_down=2, n_res=4):
-            super().__init__()
-            layers = [ResnetBlock(ngf * 2 ** n_down) for _ in range(n_res)]
-            for i in range(n_down):
-                c = ngf * 2 ** (n_down - i)
-                layers += [tnn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
-                           tnn.InstanceNorm2d(c // 2), tnn.ReLU(True)]
-            layers += [tnn.ReflectionPad2d(3), tnn.Conv2d(ngf, 3, 7), tnn.Tanh()]
-            self.model = tnn.Sequential(*layers)
-
-        def forward(self, x):
-            return self.model(x)
+    """``(Encoder, Decoder)`` classes: BiOST's networks rebuilt from the sheet's layer list (A.1.2),
+    in ``bench/torch_ddda.py`` (shared with ``bench/ddda_step.py``)."""
+    pytest.importorskip("torch")
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from torch_ddda import Decoder, Encoder
 
     return Encoder, Decoder
 

@@ -235,6 +235,26 @@ def dirtorch_rules(cfg) -> list[Rule]:
     return rules + (whitening_rules() if cfg.whiten else [])
 
 
+def places365_rules(depth: int = 18) -> list[Rule]:
+    """A torchvision ResNet with its classifier, as the CSAIL Places365 releases store it
+    (``resnet18_places365.pth.tar``: ``conv1``, ``bn1``, ``layer<i>.<j>.*``, ``fc`` 512 -> 365; ``module.``
+    stripped on reading): the backbone and the CAM's scene classifier (``head/fc``) of an AdAGeo model."""
+    return resnet_rules(depth, 4, "", sequential=False) + linear_rules("fc", ("head", "fc"))
+
+
+def adageo_rules(cfg) -> list[Rule]:
+    """AdAGeo's ``AttenNetVLAD`` (``src/network.py``): ``backbone.*`` a torchvision ResNet with ``fc``
+    (the CAM's classifier), ``netvlad_layer.{centroids, conv.weight}``. Its state dict also holds
+    ``weight_softmax`` (the same tensor as ``backbone.fc.weight``) and ``grl_discriminator.*``
+    (training only): read it with ``strict=False``."""
+    from jaxvpr.models.registry import resnet_spec
+
+    depth, _ = resnet_spec(cfg.backbone)
+    rules = resnet_rules(depth, 4, "backbone.", sequential=False) + linear_rules("backbone.fc", ("head", "fc"))
+    return rules + [Rule("netvlad_layer.centroids", ("params", "head", "netvlad", "centroids"), "identity"),
+                    *conv_rules("netvlad_layer.conv", ("head", "netvlad", "conv"), bias=False)]
+
+
 def cnn_rules(cfg) -> list[Rule]:
     """All rules of a CNN model config (see the module docstring for the naming)."""
     from jaxvpr.models.alexnet import ALEXNET_CONV_INDICES
@@ -242,6 +262,8 @@ def cnn_rules(cfg) -> list[Rule]:
     from jaxvpr.models.vgg import VGG16_CONV_INDICES
 
     layout = cfg.get("torch_layout")
+    if cfg.head == "cam_netvlad":
+        return adageo_rules(cfg)
     if layout == "openibl":
         return openibl_rules(cfg)
     if layout == "dirtorch":

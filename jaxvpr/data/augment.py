@@ -362,3 +362,20 @@ def triplet_augment(img: np.ndarray, rng: np.random.Generator, resize: int, crop
         if size != (h, w):
             x = resize_antialias(x, size)
     return normalize(x)
+
+
+def grl_augment(img: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float, saturation: float,
+                hue: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    """AdAGeo's transform of the GRL images (``grl_util.py``, recipes_facts §A.2.5) -> float32, normalised.
+
+    RandomHorizontalFlip(0.5), ColorJitter(brightness, contrast, saturation, hue) (AdAGeo: 0.7, 0.7,
+    0.7, 0.1), no crop; AdAGeo has no resize either (all its domains are 512x384). ``size`` (H, W)
+    resizes images of another size (antialiased bilinear) so that a batch stacks.
+    """
+    x = to_float01(img)
+    if rng.random() < 0.5:
+        x = x[:, ::-1]
+    x = color_jitter(x, rng, brightness, contrast, saturation, hue)
+    if size is not None and tuple(x.shape[:2]) != tuple(size):
+        x = resize_antialias(x, tuple(size))
+    return normalize(np.ascontiguousarray(x))

@@ -199,6 +199,30 @@ class UniformSampler:
                 yield index, -1
 
 
+class DomainSampler:
+    """AdAGeo's GRL batches (``GrlDataset``, recipes_facts §A.2.5): each position draws a domain
+    uniformly, then one of its images uniformly (with replacement: 5 target images recur); the label
+    is the domain. ``domain_sizes[d]`` images of domain d sit at indices ``offset_d ... offset_d +
+    size_d - 1`` of the paths (domains concatenated in order). Position ``i`` draws from an RNG
+    seeded from ``(seed, i)``; replacement candidates are the domain's other images."""
+
+    def __init__(self, domain_sizes: Sequence[int]):
+        sizes = np.asarray(domain_sizes, np.int64)
+        if len(sizes) == 0 or (sizes <= 0).any():
+            raise ValueError(f"DomainSampler: every domain needs images, got sizes {list(sizes)}.")
+        self.sizes = sizes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def candidates(self, seed: int, position: int) -> Iterator[tuple[int, int]]:
+        rng = _rng(seed, _TAG_DRAW, position)
+        domain = int(rng.integers(len(self.sizes)))
+        first = int(rng.integers(self.sizes[domain]))
+        yield int(self.offsets[domain] + first), domain
+        for k in rng.permutation(int(self.sizes[domain])):
+            if k != first:
+                yield int(self.offsets[domain] + k), domain
+
+
 class SequenceSampler:
     """Position ``i`` is image ``indices[i]`` with label ``labels[i]`` (default: the position's slot
     ``i % period``); no replacement candidates."""

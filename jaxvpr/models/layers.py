@@ -40,9 +40,14 @@ def torch_default_bias_init(fan_in: int):
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """``x / max(||x||_2, eps)`` along ``axis`` (``torch.nn.functional.normalize``)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """``x / max(||x||_2, eps)`` along ``axis`` (``torch.nn.functional.normalize``).
+
+    Computed as ``x / sqrt(max(||x||^2, eps^2))``: the same value, and where ``||x|| < eps`` the
+    gradient is PyTorch's ``x / eps`` term alone (sqrt's infinite slope at 0 would make it NaN; AdAGeo's
+    attention drives whole local features to 0, recipes_facts §A.2.2).
+    """
+    squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(squared, jnp.asarray(eps, squared.dtype) ** 2))
 
 
 def torch_conv(

@@ -109,7 +109,8 @@ def init_from_features(
     kmeans = faiss.Kmeans(descriptors.shape[1], num_clusters, niter=niter, verbose=False, seed=seed)
     kmeans.train(descriptors)
     centroids = np.asarray(kmeans.centroids, np.float32)
-    unit = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    # (an empty cluster can leave a zero centroid: it keeps a zero weight instead of NaNs)
+    unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     dots = descriptors @ unit.T  # (N, K)
     top2 = -np.sort(-dots, axis=1)[:, :2]
     alpha = float(-math.log(0.01) / np.mean(top2[:, 0] - top2[:, 1]))

@@ -10,7 +10,9 @@ field                  meaning
                        ``vgg16``, ``alexnet``, ``dinov2_vitb14``, ``dinov2_vitb14_reg``...)
 ``head``               one of :data:`HEADS`: ``gem``, ``netvlad``, ``mixvpr``,
                        ``convap``, ``salad``, ``anyloc`` (hard-assignment VLAD of a
-                       DINOv2 block's facet), ``cls`` (DINOv2 class token)
+                       DINOv2 block's facet), ``cls`` (DINOv2 class token),
+                       ``cam_netvlad`` (AdAGeo: a scene classifier's CAM attention +
+                       NetVLAD on a BasicBlock ResNet, :mod:`jaxvpr.models.adageo`)
 ``trainable_stages``   how many *trailing* backbone stages receive gradients
                        (``None`` = the whole backbone trains, 0 = frozen backbone).
                        Stages: ResNet ``[stem, layer1, ..., layerN]``; VGG16/AlexNet:
@@ -48,7 +50,9 @@ head options           gem: ``fc_output_dim``, ``l2_before_pool`` (L2 over chann
                        blocks are not run), ``facet`` (``value``, ``query``, ``key``
                        or ``token``), ``num_clusters`` (vocabulary size);
                        ``trainable_stages`` counts blocks ``0..layer`` and defaults
-                       to 0 (AnyLoc is not trained).
+                       to 0 (AnyLoc is not trained); cam_netvlad: ``num_clusters``,
+                       ``num_classes`` (the scene classifier's: Places365 365),
+                       ``attention`` (False: NetVLAD on the post-BN map).
 =====================  ===============================================================
 
 :class:`VPRModel` = backbone + head. Inputs are NHWC float32 ImageNet-normalised
@@ -75,6 +79,9 @@ Named CNN models and the published weights they load (``python -m jaxvpr.convert
 * ``eigenplaces_{backbone}_{dim}`` (11: ResNet-18 256/512, ResNet-50/101 128/256/512/2048, VGG16
   512): EigenPlaces hub / release v1.0 ``{backbone}_{dim}_eigenplaces.pth``, CosPlace's network and names.
 * ``netvlad_resnet18conv4_64``: the VG benchmark's ResNet-18 (to layer3) + NetVLAD-64.
+* ``adageo_resnet18_netvlad_64``: AdAGeo (Berton et al., WACV 2021) phase 2, ResNet-18 (Places365
+  classifier kept as the CAM's fc) + CAM attention + NetVLAD-64; ``adageo_resnet18_netvlad_64_noatt``
+  its NetVLAD baseline (the same network without attention).
 * ``netvlad_vgg16_32768`` / ``netvlad_vgg16_4096``: NetVLAD (Arandjelovic et al., CVPR 2016)
   VGG16 conv5_3 + NetVLAD-64, without / with the 4096-d PCA whitening; ``caffe`` input and the
   ``openibl`` layout (``EmbedNet`` / ``EmbedNetPCA``): NetVLAD weights trained with OpenIBL load
@@ -132,6 +139,7 @@ HEAD_OPTIONS: dict[str, dict[str, Any]] = {
     "salad": {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "dropout": 0.0},
     "anyloc": {"layer": 31, "facet": "value", "num_clusters": 32},
     "cls": {},
+    "cam_netvlad": {"num_clusters": 64, "num_classes": 365, "attention": True},
 }
 HEADS: tuple[str, ...] = tuple(HEAD_OPTIONS)
 COMMON_KEYS: tuple[str, ...] = (
@@ -221,7 +229,7 @@ def descriptor_dim(cfg: ml_collections.ConfigDict) -> int:
         return cfg.fc_output_dim
     if head == "netvlad" and cfg.pca_dim > 0:
         return cfg.pca_dim
-    if head in ("netvlad", "anyloc"):
+    if head in ("netvlad", "anyloc", "cam_netvlad"):
         return cfg.num_clusters * feature_dim(cfg)
     if head == "mixvpr":
         return cfg.out_channels * cfg.out_rows
@@ -270,6 +278,10 @@ _NAMED: dict[str, dict[str, Any]] = {
     ) for dim in (512, 2048, 4096, 8192)},
     # VG benchmark (Berton et al., CVPR 2022) ResNet-18 cropped after layer3 + NetVLAD-64.
     "netvlad_resnet18conv4_64": dict(backbone="resnet18conv4", head="netvlad", num_clusters=64),
+    # AdAGeo (Berton et al., WACV 2021): Places365 ResNet-18 (layer3+layer4 train) + CAM + NetVLAD-64.
+    "adageo_resnet18_netvlad_64": dict(backbone="resnet18", head="cam_netvlad", num_clusters=64),
+    "adageo_resnet18_netvlad_64_noatt": dict(backbone="resnet18", head="cam_netvlad", num_clusters=64,
+                                             attention=False),
     # MixVPR (Ali-bey et al., WACV 2023): ResNet-50 up to layer3, 320x320 input; the three released
     # models resnet50_MixVPR_{D}_channels({C})_rows({R}): 4096 = 1024 x 4, 512 = 256 x 2, 128 = 64 x 2.
     **{f"mixvpr_resnet50_{channels * rows}": dict(
@@ -367,6 +379,9 @@ def model_config(name_or_cfg: str | Mapping[str, Any], **overrides: Any) -> ml_c
     family = backbone_family(fields["backbone"])
     if head in ("salad", "anyloc", "cls") and family != "dinov2":
         raise ValueError(f"head {head!r} needs a DINOv2 backbone, got {fields['backbone']!r}")
+    if head == "cam_netvlad" and (family != "resnet" or resnet_spec(fields["backbone"])[0] not in (18, 34)):
+        raise ValueError(f"head 'cam_netvlad' needs a BasicBlock ResNet (resnet18/resnet34, AdAGeo's noBN "
+                         f"ResNet-18), got {fields['backbone']!r}")
     if family == "dinov2" and head not in ("salad", "anyloc", "cls"):
         raise ValueError(f"DINOv2 backbones work with heads 'salad', 'anyloc' or 'cls', got {head!r}")
     if head == "anyloc":
@@ -467,6 +482,8 @@ class VPRModel(nn.Module):
             else:
                 descriptors = self.head((feature_map, cls_token), train=train)
         if return_features:
+            if isinstance(feature_map, tuple):  # (map, pre-BN map) of AdAGeo's ResNet: pool the map
+                feature_map = feature_map[0]
             return descriptors, jnp.mean(feature_map, axis=(1, 2))
         return descriptors
 
@@ -497,7 +514,8 @@ def build_model(cfg: ml_collections.ConfigDict | str | Mapping[str, Any]) -> VPR
         from jaxvpr.models.resnet import ResNet
 
         depth, num_layers = resnet_spec(cfg.backbone)
-        backbone = ResNet(depth=depth, num_layers=num_layers, trainable_stages=trainable)
+        backbone = ResNet(depth=depth, num_layers=num_layers, trainable_stages=trainable,
+                          pre_bn_output=cfg.head == "cam_netvlad")
     elif family == "vgg":
         from jaxvpr.models.vgg import VGG16
 
@@ -540,6 +558,10 @@ def build_model(cfg: ml_collections.ConfigDict | str | Mapping[str, Any]) -> VPR
             num_channels=feature_dim(cfg), num_clusters=cfg.num_clusters,
             cluster_dim=cfg.cluster_dim, token_dim=cfg.token_dim, dropout=cfg.dropout,
         )
+    elif head == "cam_netvlad":
+        from jaxvpr.models.adageo import CamNetVLAD
+
+        head_module = CamNetVLAD(num_clusters=cfg.num_clusters, num_classes=cfg.num_classes, attention=cfg.attention)
     elif head == "anyloc":
         anyloc = _import_b2("jaxvpr.models.anyloc", cfg)
         head_module = anyloc.AnyLocVLAD(num_clusters=cfg.num_clusters, num_channels=feature_dim(cfg))

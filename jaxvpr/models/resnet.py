@@ -65,16 +65,19 @@ class BasicBlock(nn.Module):
     width: int
     stride: int = 1
     downsample: bool = False
+    pre_bn_output: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         y = torch_conv(self.width, 3, self.stride, 1, use_bias=False, name="conv1")(x)
         y = nn.relu(BatchNorm(name="bn1")(y, train))
-        y = torch_conv(self.width, 3, 1, 1, use_bias=False, name="conv2")(y)
-        y = BatchNorm(name="bn2")(y, train)
+        conv2 = torch_conv(self.width, 3, 1, 1, use_bias=False, name="conv2")(y)
+        y = BatchNorm(name="bn2")(conv2, train)
         if self.downsample:
             x = torch_conv(self.width, 1, self.stride, 0, use_bias=False, name="downsample_conv")(x)
             x = BatchNorm(name="downsample_bn")(x, train)
+        if self.pre_bn_output:  # AdAGeo's noBN block: also conv2 + residual, without bn2 and ReLU
+            return nn.relu(y + x), conv2 + x
         return nn.relu(y + x)
 
 
@@ -106,11 +109,15 @@ class ResNet(nn.Module):
       depth: 18, 34, 50, 101 or 152.
       num_layers: residual layers kept (4 = full trunk, 3 = "conv4" crop).
       trainable_stages: last stages that train (``None`` = all); see module doc.
+      pre_bn_output: return ``(map, pre_bn_map)``: the last block (BasicBlock only) also gives
+        ``conv2(h) + shortcut`` before its last BatchNorm and ReLU (AdAGeo's ``noBN`` ResNet-18,
+        whose CAM-attended NetVLAD branch reads it; recipes_facts §A.2.1).
     """
 
     depth: int = 18
     num_layers: int = 4
     trainable_stages: int | None = None
+    pre_bn_output: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -131,17 +138,23 @@ class ResNet(nn.Module):
         if last_frozen_stage == 0:
             x = jax.lax.stop_gradient(x)
 
-        in_channels = 64
+        if self.pre_bn_output and block_cls is not BasicBlock:
+            raise ValueError("pre_bn_output needs a BasicBlock ResNet (18 or 34), as AdAGeo's noBN ResNet-18")
+        in_channels, pre_bn = 64, None
         for layer in range(1, self.num_layers + 1):
             width = STAGE_WIDTHS[layer - 1]
             for j in range(counts[layer - 1]):
                 stride = 2 if (j == 0 and layer > 1) else 1
                 downsample = j == 0 and (stride != 1 or in_channels != width * expansion)
-                x = block_cls(width, stride, downsample, name=f"layer{layer}_{j}")(x, train)
+                last = self.pre_bn_output and layer == self.num_layers and j == counts[layer - 1] - 1
+                kw = {"pre_bn_output": True} if last else {}
+                x = block_cls(width, stride, downsample, name=f"layer{layer}_{j}", **kw)(x, train)
+                if last:
+                    x, pre_bn = x
                 in_channels = width * expansion
             if last_frozen_stage == layer:
                 x = jax.lax.stop_gradient(x)
-        return x
+        return (x, pre_bn) if self.pre_bn_output else x
 
 
 def resnet_frozen_mask(params: dict, num_layers: int, trainable_stages: int | None) -> dict:

@@ -161,6 +161,7 @@ def triplet_config() -> ConfigDict:
     c.train.lr = 1e-5                  # Adam over the trainable parameters
     c.train.margin = 0.1               # triplet margin (L2 distances; not sqrt(0.1))
     c.train.squared_distance = False   # True: squared L2 distances (AdAGeo eq. 8)
+    c.train.violating_only = False     # True: only negatives violating the margin at mining time count (AdAGeo)
     c.train.mining = "partial"         # "partial" | "full" | "random" (jaxvpr/train/mining.py)
     c.train.queries_per_epoch = "5000"  # one value, or one per training dataset (the fork's table)
     c.train.cache_refresh_rate = 1000  # queries mined per cache; 0: queries_per_epoch (one refresh per epoch)
@@ -191,4 +192,80 @@ def triplet_config() -> ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.shard_params = False
+    return c
+
+
+def adageo_config() -> ConfigDict:
+    """AdAGeo (Berton et al., WACV 2021) phase 2 with its phase 1 (DDDA) run first, on a SVOX-style layout.
+
+    Defaults are the paper's and its code's (``src/parser.py``, recipes_facts §A.2.12; the recipe is
+    ``jaxvpr/train/adageo.py``): ResNet-18 + CAM attention + NetVLAD-64, layer3+layer4 trained, Adam
+    1e-5, 4 queries x (1 + 1 + 10) per step, positives 10 m, negatives beyond 25 m, margin sqrt(0.1)
+    on L2 distances with only margin-violating negatives, 3-domain GRL (source queries, pseudo-target
+    queries, the n target images; 8 images per step, CE weight 0.1, coefficient 1), R@N at 25 m,
+    early stopping on the pseudo-target validation queries (R@5). The dataset layout is SVOX's
+    (recipes_facts §A.2.11): ``images/train/{database,queries,queries_<domain>}``,
+    ``images/val/{database,queries}``, ``images/test/{database,queries_<domain>}``; the synthetic city
+    has the same folders plus ``images/target/<domain>`` (its unlabeled pools).
+    """
+    from jaxvpr.train.ddda import ddda_config
+
+    c = triplet_config()
+    c.recipe = "adageo"
+    c.data.synthetic_domains = ""      # the synthetic city's target domains to render ("" all)
+    c.data.train_splits = "images/train"   # one folder: database/ (SVOX gallery) and the source queries
+    c.data.train_queries = "queries"   # source training queries (SVOX train/queries)
+    # Folders may name {domain} (adageo.domain): one config serves every target domain.
+    c.data.target_folder = "images/train/queries_{domain}"  # the target domain's images; n_target are drawn
+    c.data.val_split = "images/val"
+    c.data.val_queries = "queries"     # source val queries; with adageo.ddda their pseudo-targets validate
+    c.data.test_splits = "images/test"
+    c.data.test_queries = "queries_{domain}"  # comma-separated query folders of the test split
+    c.data.train_resize = 0            # AdAGeo: no resize, no augmentation of the triplet images
+    c.data.train_crop = 0
+    c.data.eval_resize = ""            # native size (SVOX/RobotCar 512x384)
+    c.data.image_size = 224
+
+    c.model.name = "adageo_resnet18_netvlad_64"   # ..._noatt: NetVLAD without the CAM attention
+    c.model.num_classes = 0            # the scene classifier's classes (0: the model's, Places365 365)
+    c.model.init_checkpoint = ""       # a converted Places365 AdAGeo/ResNet-18 model, or a jaxvpr run
+
+    c.train.epochs = 100
+    c.train.lr = 1e-5
+    c.train.margin = 0.1 ** 0.5        # AdAGeo: TripletMarginLoss(margin=sqrt(0.1)) on L2 distances
+    c.train.violating_only = True      # only negatives violating the margin at mining time count
+    c.train.mining = "full"            # every gallery image described, persistent hard-negative memory
+    c.train.queries_per_epoch = "0"    # 0: the training queries / adageo.epoch_divider
+    c.train.cache_refresh_rate = 1000
+    c.train.select_recall = 5          # early stopping on R@5 of the (pseudo-target) validation queries
+    # AdAGeo stops at the 4th validation in a row without improvement with its patience 3 (the check
+    # comes before the increment, recipes_facts §A.2.9); jaxvpr's patience counts those epochs.
+    c.train.patience = 4
+    c.eval.thresholds = "25"
+    c.eval.batch_size = 24
+
+    c.adageo = ConfigDict()
+    c.adageo.domain = "night"          # the target domain: fills {domain} in data.target_folder, test_queries, monitor
+    c.adageo.ddda = True               # phase 1: pseudo-targets join the training queries (Table 3 "DDDA")
+    c.adageo.n_target = 5              # target images DDDA and the GRL see (-1: all of data.target_folder)
+    c.adageo.grl = True                # the domain discriminator behind a GRL (Table 3 "DA")
+    c.adageo.grl_weight = 0.1          # alpha: loss = triplet + alpha * CE(domain)
+    c.adageo.grl_batch_size = 8
+    c.adageo.grl_lr = 1e-5             # AdAGeo trains the discriminator with the model's Adam (1e-5)
+    c.adageo.grl_coefficient = "constant"  # "constant": 1 (AdAGeo); "schedule": thesis eq. 4.2 per epoch
+    c.adageo.grl_gamma = 10.0
+    c.adageo.grl_brightness = 0.7      # AdAGeo's GRL transform: flip + ColorJitter(0.7, 0.7, 0.7, 0.1)
+    c.adageo.grl_contrast = 0.7
+    c.adageo.grl_saturation = 0.7
+    c.adageo.grl_hue = 0.1
+    c.adageo.backbone_checkpoint = ""  # a checkpoint whose backbone (same ResNet) initialises this one's
+    c.adageo.scene_classes = 0         # N > 0: fit an N-way scene classifier as the CAM's fc (no Places365)
+    c.adageo.scene_images = 2000       # training database images it is fitted on (classes: k-means of UTM)
+    c.adageo.kmeans_pool = "paper"     # "paper": images of the 3 domains; "code": gallery + queries + pseudo
+    c.adageo.kmeans_images = 500       # paper 500; code 1250 (with replacement)
+    c.adageo.kmeans_per_image = 100    # local features per image (code 40)
+    c.adageo.epoch_divider = 4         # an epoch is 1/epoch_divider of the training queries (README 4)
+    c.adageo.compare = ""              # configs (comma-separated names) trained if needed and tested beside this run
+
+    c.ddda = ddda_config()             # phase 1; its data fields follow data.* and adageo.n_target
     return c

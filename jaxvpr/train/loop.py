@@ -56,6 +56,8 @@ def run_model_config(config: ConfigDict) -> ConfigDict:
     overrides = {}
     if config.model.fc_output_dim:
         overrides["fc_output_dim"] = int(config.model.fc_output_dim)
+    if config.model.get("num_classes", 0):
+        overrides["num_classes"] = int(config.model.num_classes)  # AdAGeo's scene classifier
     if config.model.get("dropout", -1.0) >= 0:
         overrides["dropout"] = float(config.model.dropout)  # SALAD's head (the fork trains with 0.3)
     if config.model.train_all_layers:
@@ -209,7 +211,7 @@ class Trainer(abc.ABC):
         self.mesh = parallel.mesh_from_config(config.mesh)
         self.model_cfg = run_model_config(config)
         check_batch_sizes(self.batch_sizes(), self.mesh)  # configs that cannot run fail before any work
-        if not config.model.init_checkpoint:
+        if not self.starts_from_trained_weights():
             from jaxvpr.models import variable_shapes
 
             check_no_random_frozen_stages(self.model_cfg, variable_shapes(self.model_cfg)["params"], config)
@@ -219,7 +221,7 @@ class Trainer(abc.ABC):
         self.describer = ev.Describer(self.model)  # per-process extraction, gathered
         self.thresholds = self.eval_thresholds()
         self.eval_resize = ev.parse_resize(config.data.eval_resize)
-        self.val_split = None  # read by fit(), after the recipe has read its training data
+        self.val_split, self.val_queries = None, None  # read by fit(), after the recipe has read its training data
         self.select_index = self._select_threshold_index()
         self.logger = MetricsLogger(self.workdir, enabled=self.is_main)
         self.checkpointer = TrainCheckpointer(self.workdir, keep=config.train.keep_checkpoints)
@@ -252,6 +254,10 @@ class Trainer(abc.ABC):
         ``current_state()`` returns the latest state (the triplet recipe mines with it) (recipe).
         """
 
+    def starts_from_trained_weights(self) -> bool:
+        """Whether the backbone starts trained (else frozen stages are refused): ``model.init_checkpoint``."""
+        return bool(self.config.model.init_checkpoint)
+
     def start_epoch(self, state, epoch: int):
         return state
 
@@ -280,16 +286,25 @@ class Trainer(abc.ABC):
         """The recipe's part of the line printed after each epoch."""
         return f"loss {metrics.get('loss', float('nan')):.4f}"
 
+    def validation_split(self) -> tuple[fmt.SplitDataset, str]:
+        """``(split, queries folder)`` of model selection: ``data.val_split`` with ``data.val_queries``."""
+        split_dir = fmt.resolve_folder(self.root, self.config.data.val_split, "Validation")
+        return fmt.read_split(split_dir, self.config.data.val_queries), self.config.data.val_queries
+
     def test_sets(self) -> list[tuple[fmt.SplitDataset, str]]:
         """``(split, queries folder)`` pairs evaluated with the best model at the end."""
         test_dir = fmt.resolve_folder(self.root, self.config.data.test_split, "Test")
         queries = [q for q in str(self.config.data.test_queries).split(",") if q]
         return [(fmt.read_split(test_dir, q), q) for q in queries]
 
+    def monitor_items(self) -> list[str]:
+        """The ``"split_dir:queries"`` entries of ``data.monitor``."""
+        return list(self.config.data.monitor)
+
     def monitor_splits(self) -> list[tuple[str, fmt.SplitDataset]]:
         """``(label, split)`` evaluated before training and after every epoch (``data.monitor``)."""
         out = []
-        for item in self.config.data.monitor:
+        for item in self.monitor_items():
             split_dir, _, queries = item.partition(":")
             split = fmt.read_split(fmt.resolve_folder(self.root, split_dir, "Monitored"), queries or "queries")
             out.append((f"{Path(split_dir).name}/{queries or 'queries'}", split))
@@ -360,8 +375,7 @@ class Trainer(abc.ABC):
     def fit(self) -> dict:
         """Runs (or resumes) the training in ``workdir`` and returns the final results."""
         config, t, workdir = self.config, self.config.train, self.workdir
-        self.val_split = fmt.read_split(fmt.resolve_folder(self.root, config.data.val_split, "Validation"),
-                                        config.data.val_queries)
+        self.val_split, self.val_queries = self.validation_split()
         if self.is_main:
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
@@ -462,7 +476,7 @@ class Trainer(abc.ABC):
             state = self.end_epoch(state, epoch)
 
             # validation, best model, early stopping
-            val = self.recall(state, self.val_split, config.data.val_queries)
+            val = self.recall(state, self.val_split, self.val_queries)
             evaluated.setdefault(epoch, {})["val"] = val
             selected = self.selection_recall(val)
             epoch_metrics = {k: v / max(count, 1) for k, v in sums.items()}
@@ -515,7 +529,7 @@ class Trainer(abc.ABC):
                    "best_val_selection": progress["best_recall"], "test": {}}
         best = evaluated.get(progress["best_epoch"], {})
         results["val"] = best.get("val") or self.recall_many(
-            best_variables, [(self.val_split, self.config.data.val_queries)])[0]
+            best_variables, [(self.val_split, self.val_queries)])[0]
         sets = self.test_sets()
         todo = [(split, q) for split, q in sets if (str(split.database.root), q) not in best]
         described = iter(self.recall_many(best_variables, todo))

@@ -55,7 +55,7 @@ def triplet_loss(anchor, positive, negatives, margin: float = 0.1, squared: bool
     ``anchor``/``positive`` (B, D), ``negatives`` (B, K, D). ``squared=False`` is PyTorch's
     ``TripletMarginLoss(p=2)`` (its distance adds eps=1e-6 to the difference, as here);
     ``squared=True`` is AdAGeo eq. 8. ``reduction`` "sum" (VG benchmark sums over a query's triplets)
-    or "mean".
+    or "mean", "none" the (B, K) hinges.
     """
     def dist(a, b):
         diff = a - b + 1e-6
@@ -65,4 +65,6 @@ def triplet_loss(anchor, positive, negatives, margin: float = 0.1, squared: bool
     d_pos = dist(anchor, positive)[:, None]
     d_neg = dist(anchor[:, None, :], negatives)
     losses = jnp.maximum(d_pos - d_neg + margin, 0.0)
+    if reduction == "none":
+        return losses
     return losses.sum() if reduction == "sum" else losses.mean()

@@ -255,6 +255,23 @@ def select(method: str, data: TripletDataset, plan: MiningPlan, q_desc: np.ndarr
     return triplets, new_cache
 
 
+def violation_mask(triplets: np.ndarray, plan: MiningPlan, q_desc: np.ndarray, db_desc: np.ndarray,
+                   margin: float) -> np.ndarray:
+    """AdAGeo's filter (§A.2.6, step 4): which negatives of each row violate the margin at mining time.
+
+    A negative n of query q with best positive p is kept when ``||q - n|| < ||q - p|| + margin``
+    (L2 distances, not squared: AdAGeo compares square roots of faiss' squared distances, margin
+    sqrt(0.1)). Returns bool (Qs, k) for ``triplets`` from :func:`select` on the same ``plan`` and
+    descriptors. AdAGeo drops the other negatives and skips a query with none left; jaxvpr keeps the
+    batch shape and masks them out of the loss instead (:func:`jaxvpr.train.triplet.triplet_loss_of_descriptors`).
+    """
+    mask = np.zeros((len(triplets), triplets.shape[1] - 2), dtype=bool)
+    for i, row in enumerate(triplets):  # one query at a time: descriptors can be 32k-d
+        d = np.sqrt(_squared_l2(q_desc[i:i + 1], db_desc[_rows(plan.database, row[1:], "mined images")])[0])
+        mask[i] = d[1:] < d[0] + float(margin)
+    return mask
+
+
 def _partial_negatives(data: TripletDataset, plan: MiningPlan, q_desc, db_desc, k: int) -> np.ndarray:
     """The k nearest of the shared pool minus each query's soft positives, in chunks of queries."""
     pool = np.sort(plan.negative_pool)  # sorted so a stable sort sends ties to the lowest db index

@@ -74,13 +74,21 @@ def make_optimizer(config: ConfigDict, params, model_cfg: ConfigDict) -> optax.G
     return optax.multi_transform({"train": optax.adam(config.train.lr), "frozen": optax.set_to_zero()}, labels)
 
 
-def triplet_loss_of_descriptors(desc: jax.Array, batch_size: int, margin: float, squared: bool) -> jax.Array:
+def triplet_loss_of_descriptors(desc: jax.Array, batch_size: int, margin: float, squared: bool,
+                                neg_mask: jax.Array | None = None) -> jax.Array:
     """Mean hinge over the (q, p, n_j) triplets of ``desc`` (batch_size * (2 + K), D), rows grouped
-    per query as [q, p, n_1 .. n_K]: the VG benchmark's summed TripletMarginLoss divided by B * K."""
+    per query as [q, p, n_1 .. n_K]: the VG benchmark's summed TripletMarginLoss divided by B * K.
+
+    ``neg_mask`` (B, K) bool: only those triplets count, and the sum is divided by their number
+    (AdAGeo's violating negatives, ``train.violating_only``; 0 when none is left)."""
     d = desc.reshape(batch_size, -1, desc.shape[-1])
     k = d.shape[1] - 2
-    total = losses.triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin=margin, squared=squared, reduction="sum")
-    return total / (batch_size * k)
+    if neg_mask is None:
+        total = losses.triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin=margin, squared=squared, reduction="sum")
+        return total / (batch_size * k)
+    hinges = losses.triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin=margin, squared=squared, reduction="none")
+    mask = neg_mask.astype(hinges.dtype)
+    return jnp.sum(hinges * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config: ConfigDict, frozen):
@@ -94,12 +102,12 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ConfigDict,
     compute_dtype = jnp.bfloat16 if config.train.mixed_precision else jnp.float32
     base_key = jax.random.key(int(config.seed) + 7)
 
-    def loss_fn(params, batch_stats, images, step):
+    def loss_fn(params, batch_stats, images, step, neg_mask=None):
         variables = {"params": cast_floats(stop_frozen(params, frozen), compute_dtype), "batch_stats": batch_stats}
         desc, mutated = model.apply(variables, images.astype(compute_dtype), train=True, mutable=["batch_stats"],
                                     rngs={"dropout": jax.random.fold_in(base_key, step)})
         desc = desc.astype(jnp.float32)
-        loss = triplet_loss_of_descriptors(desc, b, margin, squared)
+        loss = triplet_loss_of_descriptors(desc, b, margin, squared, neg_mask)
         d = desc.reshape(b, -1, desc.shape[-1])
         d_pos = jnp.linalg.norm(d[:, 0] - d[:, 1], axis=-1)
         d_neg = jnp.linalg.norm(d[:, :1] - d[:, 2:], axis=-1)
@@ -110,7 +118,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ConfigDict,
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state: TripletState, batch: dict):
-        grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch["image"], state.step)
+        grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch["image"], state.step,
+                                                batch.get("neg_mask"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              batch_stats=batch_stats, opt_state=opt_state), metrics
@@ -195,7 +204,7 @@ class TripletTrainer(Trainer):
         t = config.train
         if t.mining not in mining.METHODS:
             raise ConfigError(f"config.train.mining={t.mining!r}; choose one of {', '.join(mining.METHODS)}.")
-        self.sets = load_training_sets(config, self.root)
+        self.sets = self.load_sets()
         self.patch_multiple = self._patch_multiple()
         if self.patch_multiple:
             self.eval_resize = self._patch_eval_resize(self.eval_resize)
@@ -210,6 +219,10 @@ class TripletTrainer(Trainer):
             self.say(f"training set {s.name}: {s.num_database} database images, {s.positives.num_queries} queries "
                      f"({s.positives.num_dropped} without a hard positive within {t.train_positives_dist_threshold:g} m, "
                      f"dropped), {self.refreshes(s)} cache refreshes x {self.steps_per_refresh(s)} steps per epoch")
+
+    def load_sets(self) -> list[TrainingSet]:
+        """The mining units (``data.train_splits``; AdAGeo adds its pseudo-target queries)."""
+        return load_training_sets(self.config, self.root)
 
     def _patch_eval_resize(self, spec):
         """Evaluation sizes for a patch model: shorter side N then sides rounded to the patch multiple."""
@@ -304,7 +317,10 @@ class TripletTrainer(Trainer):
         if neg_cache is not None:
             self.neg_caches[s.name] = new_cache
         check_same_on_every_process(triplets, f"the triplets mined for epoch {epoch}, refresh {refresh}")
-        return triplets
+        out = {"triplets": triplets}
+        if t.violating_only:
+            out["neg_mask"] = mining.violation_mask(triplets, plan, q_desc, db_desc, float(t.margin))
+        return out
 
     def batches(self, epoch: int, start: int, current_state):
         config, t = self.config, self.config.train
@@ -316,11 +332,10 @@ class TripletTrainer(Trainer):
         while it < n_steps:
             refresh, step_in_refresh = divmod(it, per_refresh)
             key = np.array([epoch, refresh], np.int64)
-            if "key" in self.cache and np.array_equal(self.cache["key"], key):
-                triplets = self.cache["triplets"]  # resumed mid-refresh: the checkpointed triplets
-            else:
-                triplets = self.mine(s, epoch, refresh, current_state())
-                self.cache = {"key": key, "triplets": triplets}
+            if not ("key" in self.cache and np.array_equal(self.cache["key"], key)):
+                self.cache = {"key": key, **self.mine(s, epoch, refresh, current_state())}
+            # (resumed mid-refresh, the cache holds the checkpointed triplets and masks)
+            triplets, neg_mask = self.cache["triplets"], self.cache.get("neg_mask")
             rows = triplets[: per_refresh * int(t.batch_size)]
             # triplet rows -> image indices into s.paths: the query is a query image, the rest database images
             images = np.concatenate([s.query_path_index(rows[:, :1]), rows[:, 1:]], axis=1).reshape(-1)
@@ -329,8 +344,14 @@ class TripletTrainer(Trainer):
                 seed=epoch_seed(config.seed, epoch, 2 + refresh), start_step=step_in_refresh,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 num_workers=config.data.num_workers, num_steps=per_refresh)
+            b, pid, pcount = int(t.batch_size), jax.process_index(), jax.process_count()
             for local in source:
-                yield {"image": local["image"]}, ()
+                batch = {"image": local["image"]}
+                if neg_mask is not None:  # this process's queries: the same share as its images
+                    k = it - refresh * per_refresh
+                    rows_mask = neg_mask[k * b:(k + 1) * b]
+                    batch["neg_mask"] = rows_mask[pid * b // pcount:(pid + 1) * b // pcount]
+                yield batch, ()
                 it += 1
 
     def test_sets(self) -> list[tuple[fmt.SplitDataset, str]]:

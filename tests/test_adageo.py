@@ -1,0 +1,239 @@
+"""AdAGeo phase 2 (jaxvpr/models/adageo.py, jaxvpr/train/adageo.py): the CAM attention against a
+hand computation, the attention's cancellation inside NetVLAD (recipes_facts §A.2.2), the noBN
+block, the 3-domain GRL sampling, the margin-violation filter against brute force, and a short run
+of both phases on the tiny city."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvpr.data import pipeline
+from jaxvpr.models import build_model, init_variables, model_config
+from jaxvpr.models.adageo import CamNetVLAD, cam_attention, fit_scene_classifier
+from jaxvpr.models.netvlad import NetVLAD
+from jaxvpr.models.resnet import ResNet
+from jaxvpr.train import mining
+from jaxvpr.train.triplet import triplet_loss_of_descriptors
+
+
+def test_cam_attention_is_a_softmax_over_positions_of_the_top_class_activation():
+    rng = np.random.default_rng(0)
+    feat = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    kernel = rng.normal(size=(5, 7)).astype(np.float32)
+    logits = rng.normal(size=(2, 7)).astype(np.float32)
+    a = np.asarray(cam_attention(jnp.asarray(feat), jnp.asarray(kernel), jnp.asarray(logits)))
+    assert a.shape == (2, 3, 4)
+    np.testing.assert_allclose(a.sum(axis=(1, 2)), 1.0, rtol=1e-6)  # per image, over h * w
+    for b in range(2):  # by hand: the top class's weights dotted with each position, softmax over positions
+        cam = feat[b] @ kernel[:, np.argmax(logits[b])]
+        expected = np.exp(cam - cam.max()) / np.exp(cam - cam.max()).sum()
+        np.testing.assert_allclose(a[b], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_cancels_inside_netvlad_except_where_a_feature_vanishes():
+    """NetVLAD normalises each local feature first, so a positive weight per position changes nothing:
+    the attended head gives NetVLAD(feat_nbn) to float precision (the analysis of §A.2.2, measured)."""
+    rng = np.random.default_rng(1)
+    feat_bn = jnp.asarray(np.abs(rng.normal(size=(2, 4, 4, 8))).astype(np.float32))
+    feat_nbn = jnp.asarray(rng.normal(size=(2, 4, 4, 8)).astype(np.float32))
+    head = CamNetVLAD(num_clusters=4, num_classes=3)
+    variables = head.init(jax.random.key(0), (feat_bn, feat_nbn))
+    attended = head.apply(variables, (feat_bn, feat_nbn))
+    plain = NetVLAD(num_clusters=4).apply({"params": variables["params"]["netvlad"]}, feat_nbn)
+    np.testing.assert_allclose(np.asarray(attended), np.asarray(plain), atol=2e-6)
+    # A position whose attention underflows (a_i ||f_i|| < 1e-12) drops out: then they differ.
+    big = feat_bn.at[:, 0, 0].set(1e4)
+    assert float(jnp.abs(head.apply(variables, (big, feat_nbn)) - plain).max()) > 1e-3
+
+
+def test_no_bn_block_returns_conv2_plus_shortcut_before_the_last_batchnorm():
+    """With the last bn2 an identity (scale 1, bias 0, mean 0, var 1 - eps), feat_bn = ReLU(feat_nbn)."""
+    x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
+    net = ResNet(depth=18, pre_bn_output=True)
+    variables = net.init(jax.random.key(1), x)
+    params, stats = variables["params"], variables["batch_stats"]
+    params["layer4_1"]["bn2"] = {"scale": jnp.ones(512), "bias": jnp.zeros(512)}
+    stats["layer4_1"]["bn2"] = {**stats["layer4_1"]["bn2"], "mean": jnp.zeros(512), "var": jnp.full(512, 1 - 1e-5)}
+    feat_bn, feat_nbn = net.apply({"params": params, "batch_stats": stats}, x)
+    np.testing.assert_allclose(np.asarray(feat_bn), np.maximum(np.asarray(feat_nbn), 0), atol=1e-5)
+    plain = ResNet(depth=18).apply({"params": params, "batch_stats": stats}, x)  # same parameters
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(feat_bn))
+    assert float(np.mean(np.asarray(feat_nbn) < 0)) > 0.1  # pre-ReLU: negative values survive
+
+
+def test_adageo_models_descriptors_and_pooled_features():
+    cfg = model_config("adageo_resnet18_netvlad_64", num_classes=6)
+    variables = init_variables(cfg, jax.random.key(0), (64, 96))
+    model = build_model(cfg)
+    x = jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
+    desc, pooled = model.apply(variables, x, return_features=True)
+    assert desc.shape == (2, 64 * 512) and pooled.shape == (2, 512)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(desc), axis=1), 1.0, rtol=1e-5)
+    assert variables["params"]["head"]["fc"]["kernel"].shape == (512, 6)
+    with pytest.raises(ValueError, match="BasicBlock ResNet"):
+        model_config({"backbone": "resnet50", "head": "cam_netvlad"})
+
+
+def test_scene_classifier_separates_separable_classes():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 5 + 20  # positive offsets, like pooled post-ReLU features
+    labels = rng.integers(0, 4, size=200)
+    features = centres[labels] + rng.normal(size=(200, 16))
+    fc = fit_scene_classifier(features, labels, 4, steps=200)
+    assert fc["kernel"].shape == (16, 4)
+    assert np.mean(np.argmax(features @ fc["kernel"] + fc["bias"], 1) == labels) > 0.95
+
+
+def test_domain_sampler_draws_domains_uniformly_and_images_within_them():
+    sampler = pipeline.DomainSampler([50, 50, 5])
+    draws = [next(sampler.candidates(7, i)) for i in range(3000)]
+    index, domain = np.array(draws).T
+    counts = np.bincount(domain, minlength=3) / len(domain)
+    np.testing.assert_allclose(counts, 1 / 3, atol=0.03)  # uniform over domains, not over images
+    offsets = np.array([0, 50, 100])
+    sizes = np.array([50, 50, 5])
+    assert ((index >= offsets[domain]) & (index < offsets[domain] + sizes[domain])).all()
+    assert len(set(index[domain == 2])) == 5  # the 5 target images recur
+    assert draws[:10] == [next(sampler.candidates(7, i)) for i in range(10)]  # a function of (seed, position)
+    with pytest.raises(ValueError, match="every domain"):
+        pipeline.DomainSampler([3, 0])
+
+
+def test_violation_mask_against_brute_force():
+    rng = np.random.default_rng(0)
+    q_desc, db_desc = rng.normal(size=(6, 8)), rng.normal(size=(30, 8))
+    plan = mining.MiningPlan(np.arange(6), np.arange(30), np.zeros(0, np.int64))
+    triplets = np.concatenate([np.arange(6)[:, None], rng.integers(0, 30, size=(6, 1 + 4))], axis=1)
+    mask = mining.violation_mask(triplets, plan, q_desc, db_desc, margin=0.5)
+    for i, row in enumerate(triplets):
+        d = np.linalg.norm(db_desc[row[1:]] - q_desc[i], axis=1)
+        np.testing.assert_array_equal(mask[i], d[1:] < d[0] + 0.5)
+    assert mask.any() and not mask.all()
+
+
+def test_masked_triplet_loss_averages_over_the_counted_negatives_only():
+    # one query, positive at distance 1, negatives at distances 0.5 and 3 (margin 1): hinges 1.5 and 0
+    q, p = np.zeros(2), np.array([1.0, 0.0])
+    n = np.array([[0.0, 0.5], [0.0, 3.0]])
+    desc = jnp.asarray(np.concatenate([q[None], p[None], n]), jnp.float32)
+    full = float(triplet_loss_of_descriptors(desc, 1, 1.0, False))
+    assert full == pytest.approx((1.5 + 0.0) / 2, abs=1e-5)
+    only_first = float(triplet_loss_of_descriptors(desc, 1, 1.0, False, jnp.array([[True, False]])))
+    assert only_first == pytest.approx(1.5, abs=1e-5)
+    assert float(triplet_loss_of_descriptors(desc, 1, 1.0, False, jnp.array([[False, False]]))) == 0.0
+
+
+@pytest.mark.torch
+def test_places365_resnet_and_the_attentive_netvlad_match_a_pytorch_reference(tmp_path):
+    """A torchvision ResNet-18 with a 365-way fc (the Places365 layout) loads as the backbone and the
+    CAM's classifier; the descriptor equals AdAGeo's AttenNetVLAD forward written in PyTorch."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from jaxvpr.train.adageo import load_places365
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=365).eval()
+    for m in net.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet18_places365.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+
+    cfg = model_config("adageo_resnet18_netvlad_64")
+    variables = load_places365(init_variables(cfg, jax.random.key(0), (64, 64)), str(path), cfg)
+    x = np.random.default_rng(0).normal(size=(2, 96, 128, 3)).astype(np.float32)
+    desc = build_model(cfg).apply(variables, jnp.asarray(x))
+
+    head = variables["params"]["head"]["netvlad"]
+    centroids = torch.from_numpy(np.asarray(head["centroids"]))
+    conv_w = torch.from_numpy(np.transpose(np.asarray(head["conv"]["kernel"]), (3, 2, 0, 1)).copy())
+    captured = {}
+    block = net.layer4[1]
+    block.conv2.register_forward_hook(lambda m, i, o: captured.__setitem__("conv2", o))
+    block.register_forward_hook(lambda m, i, o: captured.__setitem__("input", i[0]))
+    with torch.no_grad():  # AdAGeo src/network.py + src/netvlad.py, in eval mode
+        t = torch.from_numpy(x).permute(0, 3, 1, 2)
+        trunk = torch.nn.Sequential(*list(net.children())[:-2])
+        feat_bn = trunk(t)
+        feat_nbn = captured["conv2"] + captured["input"]
+        logits = net.fc(torch.flatten(net.avgpool(feat_bn), 1))
+        cls = logits.sort(1, True)[1][:, 0]
+        b, c, h, w = feat_bn.shape
+        cam = torch.bmm(net.fc.weight[cls].unsqueeze(1), feat_bn.view(b, c, h * w))
+        attention = torch.nn.functional.softmax(cam.squeeze(1), dim=1).view(b, 1, h, w)
+        feat = torch.nn.functional.normalize(feat_nbn * attention, p=2, dim=1)
+        assign = torch.nn.functional.softmax(torch.nn.functional.conv2d(feat, conv_w).view(b, 64, -1), dim=1)
+        flat = feat.view(b, c, -1)
+        vlad = torch.stack([((flat - centroids[k][None, :, None]) * assign[:, k:k + 1]).sum(-1) for k in range(64)], 1)
+        vlad = torch.nn.functional.normalize(vlad, p=2, dim=2).view(b, -1)
+        expected = torch.nn.functional.normalize(vlad, p=2, dim=1).numpy()
+    np.testing.assert_allclose(np.asarray(desc), expected, atol=2e-5)
+
+
+def tiny_adageo_config(root, **adageo):
+    from jaxvpr.train.config import adageo_config
+
+    c = adageo_config()
+    c.data.root = str(root)
+    c.data.target_folder = "images/target/{domain}"
+    c.data.num_workers = 0
+    c.model.num_classes = 4
+    c.model.train_all_layers = True  # random weights: every stage trains
+    c.adageo.scene_classes = 4
+    c.adageo.scene_images = 100
+    c.adageo.kmeans_images = 30
+    c.adageo.kmeans_per_image = 16
+    for key, value in adageo.items():
+        c.adageo[key] = value
+    c.train.epochs = 1
+    c.train.queries_per_epoch = "8"
+    c.train.cache_refresh_rate = 8
+    c.train.mining = "partial"         # (AdAGeo's "full" describes the whole gallery: slower here)
+    c.train.neg_samples_num = 100
+    c.train.log_every = 1
+    c.eval.batch_size = 50
+    d = c.ddda
+    d.model.ngf = 8
+    d.data.resize, d.data.crop, d.data.rotation_deg = 36, 32, 7.0
+    d.train.phase1_epochs = d.train.phase2_epochs = d.train.decay_epochs = 1
+    d.train.iterations_per_epoch = 2
+    return c
+
+
+def test_adageo_end_to_end_on_the_tiny_city_ddda_then_attentive_netvlad_with_a_3_domain_grl(tiny_city, tmp_path):
+    """Phase 1 (a few DDDA steps, pseudo-targets) -> phase 2 (CAM + NetVLAD, 3-domain GRL) -> results.json."""
+    from jaxvpr.data import format as fmt
+    from jaxvpr.train.adageo import AdAGeoTrainer
+
+    trainer = AdAGeoTrainer(tiny_adageo_config(tiny_city), tmp_path / "run")
+    names = [name for name, _ in trainer.grl_domains]
+    assert names == ["source queries", "pseudo-target queries", "target images"]
+    sizes = [len(paths) for _, paths in trainer.grl_domains]
+    assert sizes == [50, 50, 5]  # the tiny city's 50 training queries, their pseudo-targets, 5 shots
+    pseudo = fmt.read_image_folder(trainer.phase1["pseudo_targets"]["images/train/queries"])
+    source = fmt.read_image_folder(tiny_city / "images/train/queries")
+    assert pseudo.paths == source.paths and np.array_equal(pseudo.utm, source.utm)  # labels carried over
+    assert trainer.sets[0].positives.num_queries == 100  # source + pseudo-target queries
+    val_split, _ = trainer.validation_split()  # selection on the pseudo-target validation queries
+    assert str(val_split.queries.root).endswith("ddda/pseudo_targets/images/val/queries")
+
+    results = trainer.fit()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(saved["test"]) == {"queries_night"} and saved["best_epoch"] == 0
+    assert 0 <= saved["test"]["queries_night"]["results"][0]["recall"]["1"] <= 100
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 2 and all(np.isfinite(r["loss"]) and 0 <= r["disc_accuracy"] <= 1 for r in train)
+    assert results["test"]["queries_night"]["num_queries"] == 50
+
+    # the GRL batch: 8 images, domains 0/1/2 drawn uniformly (the refresh's triplets are cached)
+    batch, (coeff,) = next(trainer.batches(0, 0, None))
+    assert batch["grl_image"].shape == (8, 128, 128, 3) and float(coeff) == 1.0
+    assert set(batch["grl_domain"].tolist()) <= {0, 1, 2}
+    assert batch["image"].shape == (4 * 12, 128, 128, 3) and batch["neg_mask"].shape == (4, 10)
