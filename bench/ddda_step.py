@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import interleaved_throughput, load_line, machine_line, median, spread, timed  # noqa: E402
+from inference import (  # noqa: E402
+    interleaved_throughput, load_line, machine_line, median, spread, sync, warm_up)
 from torch_ddda import Decoder, Encoder, Phase2Step  # noqa: E402
 
 from jaxvpr.convert.ddda import torch_to_ddda  # noqa: E402
@@ -46,11 +47,6 @@ from jaxvpr.models.ddda import DDDAAutoencoder  # noqa: E402
 from jaxvpr.train.ddda import compiled_step  # noqa: E402
 
 NUM_BATCHES = 2  # distinct pre-made (target, source) pairs, cycled
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None):
@@ -107,10 +103,7 @@ def main(argv=None):
               f"ngf {args.ngf}, {args.res_blocks} res blocks, feature cycle {args.feature_cycle}; PyTorch on {device}; "
               f"{args.warmup} warm-up + {args.steps} timed steps per side, interleaved"]
     print("\n".join(header) + "\n", flush=True)
-    first = {"jax": timed(jax_call)[1], "torch": timed(torch_call)[1]}
-    for _ in range(args.warmup - 1):
-        jax_call()
-        torch_call()
+    first = warm_up({"jax": jax_call, "torch": torch_call}, args.warmup)
     rates = interleaved_throughput({"jax": jax_call, "torch": torch_call}, 2, 1, args.steps)
     j, t = median(rates["jax"]), median(rates["torch"])
     (jt, js), (tt, ts) = holder["jax"][0], holder["torch"][0]

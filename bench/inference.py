@@ -146,6 +146,21 @@ def timed(fn):
     return result, time.perf_counter() - t0
 
 
+def warm_up(sides: dict, warmup: int) -> dict:
+    """Each side's first call timed (``{name: seconds}``: compilation included), then ``warmup - 1`` more calls."""
+    first = {name: timed(fn)[1] for name, fn in sides.items()}
+    for _ in range(warmup - 1):
+        for fn in sides.values():
+            fn()
+    return first
+
+
+def sync(device) -> None:
+    """Waits for a CUDA device's queued work (timings of asynchronous PyTorch calls)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------- PyTorch CosPlace
 class L2Norm(tnn.Module):
     """``F.normalize(x, p=2, dim=dim)`` (CosPlace's ``L2Norm``)."""

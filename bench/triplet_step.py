@@ -91,6 +91,7 @@ from inference import (  # noqa: E402
     randomise_batchnorm_,
     salad_pair,
     spread,
+    sync,
     timed,
 )
 
@@ -159,11 +160,6 @@ class TorchTripletStep:
         self.optimizer.step()
         sync(self.device)
         return loss.detach()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def trainable_count(torch_model: tnn.Module) -> int:

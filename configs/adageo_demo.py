@@ -36,6 +36,7 @@ def get_config():
     c.adageo.backbone_checkpoint = "config:demo_baseline"
     c.adageo.kmeans_images = 300
     c.adageo.kmeans_per_image = 16       # a 128 px image has 4 x 4 layer4 positions
+    c.adageo.grl_lr = 1e-3               # the discriminator (AdAGeo 1e-5, which learns nothing in 150 steps)
     c.adageo.compare = "adageo_demo_netvlad"
 
     c.train.epochs = 3

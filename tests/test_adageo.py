@@ -237,3 +237,78 @@ def test_adageo_end_to_end_on_the_tiny_city_ddda_then_attentive_netvlad_with_a_3
     assert batch["grl_image"].shape == (8, 128, 128, 3) and float(coeff) == 1.0
     assert set(batch["grl_domain"].tolist()) <= {0, 1, 2}
     assert batch["image"].shape == (4 * 12, 128, 128, 3) and batch["neg_mask"].shape == (4, 10)
+
+
+def test_svox_configs_hold_the_papers_settings_and_fail_clearly_without_weights_or_data(tmp_path):
+    from jaxvpr.data.format import DatasetError
+    from jaxvpr.train.adageo import AdAGeoTrainer
+    from jaxvpr.train.baseline import load_config_file
+    from jaxvpr.train.config import ConfigError
+
+    for domain in ("snow", "rain", "sun", "night", "overcast"):
+        c = load_config_file(f"adageo_svox_{domain}")
+        assert c.recipe == "adageo" and c.adageo.domain == domain
+    c = load_config_file("adageo_svox_snow")
+    assert (c.train.lr, c.train.batch_size, c.train.negs_num_per_query, c.train.margin) == (1e-5, 4, 10, 0.1 ** 0.5)
+    assert (c.train.train_positives_dist_threshold, c.train.val_positive_dist_threshold) == (10.0, 25.0)
+    assert (c.adageo.grl_weight, c.adageo.grl_batch_size, c.adageo.n_target, c.eval.thresholds) == (0.1, 8, 5, "25")
+    assert (c.ddda.train.lr, c.ddda.train.phase1_epochs, c.ddda.data.resize, c.ddda.data.crop) == (2e-4, 80, 286, 256)
+    assert model_config(c.model.name).num_clusters == 64 and c.data.database_folder == "gallery"
+    c.data.root = str(tmp_path)
+    with pytest.raises(ConfigError, match="frozen"):  # no Places365 weights given: refused before any work
+        AdAGeoTrainer(c, tmp_path / "w")
+    c.adageo.backbone_checkpoint = str(tmp_path / "resnet18_places365.pth.tar")
+    with pytest.raises(DatasetError, match="images/train"):  # then the missing dataset, named
+        AdAGeoTrainer(c, tmp_path / "w")
+
+
+@pytest.mark.torch
+def test_authors_attennetvlad_state_dict_converts_and_round_trips(tmp_path):
+    """AdAGeo's ``AttenNetVLAD`` layout (``backbone.*`` with fc, ``netvlad_layer.*``, plus ``weight_softmax``
+    and ``grl_discriminator.*``) -> jaxvpr checkpoint -> the same tensors back."""
+    torch = pytest.importorskip("torch")
+    from jaxvpr.checkpoint import load_model
+    from jaxvpr.convert.__main__ import main as convert
+    from jaxvpr.convert.rules import export_rules, torch_rules
+
+    cfg = model_config("adageo_resnet18_netvlad_64")
+    variables = init_variables(cfg, jax.random.key(3), (64, 64))
+    state = export_rules(jax.device_get(variables), torch_rules(cfg))
+    assert "netvlad_layer.centroids" in state and state["backbone.fc.weight"].shape == (365, 512)
+    full = {**state, "weight_softmax": state["backbone.fc.weight"],
+            "grl_discriminator.1.weight": np.zeros((50, 512), np.float32)}
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in full.items()}, tmp_path / "adageo.pth")
+    assert convert(["from-torch", "--model", cfg.name, "--weights", str(tmp_path / "adageo.pth"),
+                    "--out", str(tmp_path / "ckpt")]) == 0
+    _, loaded = load_model(tmp_path / "ckpt")
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(jax.device_get(variables))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_experiment_commands_list_the_papers_runs_and_print_its_table_layout(capsys):
+    from jaxvpr import experiments
+    from jaxvpr.train.baseline import load_config_file
+
+    assert len(experiments.ABLATION) == 8 and len({(m.ddda, m.attention, m.grl) for m in experiments.ABLATION}) == 8
+    assert [m.n_target for m in experiments.SHOTS] == [0, 1, 5, 50, -1]
+    base = load_config_file("adageo_demo")
+    netvlad, grl_all, adageo = (experiments.run_config(base, m, "snow", 2, ["train.epochs=7"])
+                                for m in experiments.TABLE2)
+    assert netvlad.model.name == "adageo_resnet18_netvlad_64_noatt" and not netvlad.adageo.ddda
+    assert not netvlad.adageo.grl and grl_all.adageo.grl and grl_all.adageo.n_target == -1
+    assert adageo.model.name == "adageo_resnet18_netvlad_64" and adageo.adageo.ddda and adageo.adageo.n_target == 5
+    assert adageo.seed == 2 and adageo.adageo.domain == "snow" and adageo.data.synthetic_domains == "snow"
+    assert adageo.train.epochs == 7 and adageo.adageo.compare == ""
+    with pytest.raises(SystemExit, match="no field"):
+        experiments.run_config(base, adageo_method := experiments.TABLE2[2], "snow", 0, ["train.no_such=1"])
+    assert adageo_method.slug == "adageo__5_shots"
+
+    assert experiments.main(["adageo-ablation", "--dry-run", "--seeds", "0,1", "--domains", "night,snow",
+                             "--workdir", "/nonexistent"]) == 0
+    assert capsys.readouterr().out.count("== ") == 8 * 2 * 2
+    cells = {("NetVLAD", "night"): [10.0, 12.0], ("NetVLAD", "snow"): [20.0, 22.0]}
+    table = experiments.format_table("t", experiments.TABLE2, ["night", "snow"], cells)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[4:]}
+    assert rows["NetVLAD"] == ["11.0 ±  1.0", "21.0 ±  1.0", "16.0"]  # mean ± std over seeds, average of domains
+    assert rows["AdAGeo (5 shots)"] == ["-", "-", "-"]
+    assert table.count("\n") == 6  # title, blank, header, rule, 3 methods (the last without a newline)

@@ -109,6 +109,15 @@ def from_torch(args) -> int:
             meta["vocabulary"] = str(Path(args.vocabulary).absolute())
     elif args.vocabulary:
         raise ValueError(f"--vocabulary is for AnyLoc models; {cfg.name!r} has head {cfg.head!r}")
+    if cfg.head == "cam_netvlad":  # AdAGeo's AttenNetVLAD: a second name of the fc weight, and the discriminator
+        extra = [k for k in state_dict if k == "weight_softmax" or k.startswith("grl_discriminator.")]
+        if "weight_softmax" in state_dict and "backbone.fc.weight" in state_dict and not np.array_equal(
+                state_dict["weight_softmax"], state_dict["backbone.fc.weight"]):
+            raise ValueError(f"{args.weights}: weight_softmax differs from backbone.fc.weight (AdAGeo shares them).")
+        state_dict = {k: v for k, v in state_dict.items() if k not in extra}
+        if extra:
+            print(f"ignored {len(extra)} tensors (weight_softmax = backbone.fc.weight; the training-only "
+                  "grl_discriminator)")
     if args.whitening:
         from jaxvpr.convert.cnn import read_whitening
 

@@ -79,12 +79,15 @@ class CamNetVLAD(nn.Module):
 
 
 def fit_scene_classifier(features: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int = 300,
-                         lr: float = 0.05, seed: int = 0) -> dict:
+                         lr: float = 0.05, seed: int = 0, label_smoothing: float = 0.1) -> dict:
     """A linear softmax classifier ``features (N, C) -> labels`` (full-batch Adam on the cross-entropy).
 
     The synthetic city has no Places365: jaxvpr trains its own scene classifier on pooled layer4
     features of the training database and uses it as the CAM's fc (the AdAGeo recipe's
-    ``adageo.scene_classes``). Returns ``{"kernel": (C, num_classes), "bias": (num_classes,)}``.
+    ``adageo.scene_classes``). Label smoothing keeps its logits moderate, as a classifier trained on
+    1.8M images is: separable classes would otherwise grow the weights, and with them the CAM's
+    values, until the softmax over positions zeroes most local features.
+    Returns ``{"kernel": (C, num_classes), "bias": (num_classes,)}``.
     """
     import optax
 
@@ -96,8 +99,10 @@ def fit_scene_classifier(features: np.ndarray, labels: np.ndarray, num_classes: 
     params = {"kernel": 0.01 * jax.random.normal(key, (x.shape[1], num_classes)), "bias": jnp.zeros(num_classes)}
     tx = optax.adam(lr)
 
+    targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
+
     def loss(p):
-        return optax.softmax_cross_entropy_with_integer_labels(xs @ p["kernel"] + p["bias"], y).mean()
+        return optax.softmax_cross_entropy(xs @ p["kernel"] + p["bias"], targets).mean()
 
     @jax.jit
     def step(p, s):

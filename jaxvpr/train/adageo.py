@@ -202,7 +202,7 @@ class AdAGeoTrainer(TripletTrainer):
             raise ConfigError(f"config.data.train_splits={config.data.train_splits!r}: AdAGeo trains on one "
                               "folder holding database/ and the source queries.")
         split = fmt.read_split(fmt.resolve_folder(self.root, config.data.train_splits, "Training"),
-                               config.data.train_queries)
+                               config.data.train_queries, config.data.database_folder)
         self.phase1 = self._phase1()
         folders = [split.queries]
         if a.ddda:
@@ -225,15 +225,16 @@ class AdAGeoTrainer(TripletTrainer):
         return [TrainingSet(name, paths, positives.num_database, positives, per_epoch)]
 
     def validation_split(self):
-        if not self.config.adageo.ddda:
-            return super().validation_split()
-        split_dir = fmt.resolve_folder(self.root, self.config.data.val_split, "Validation")
-        folder = self._pseudo_folder(self._val_queries_folder())
-        return fmt.read_split(split_dir, str(folder.root)), str(folder.root)
+        """The pseudo-target validation queries with ``adageo.ddda`` (AdAGeo's selection), else the source ones."""
+        data = self.config.data
+        split_dir = fmt.resolve_folder(self.root, data.val_split, "Validation")
+        queries = str(self._pseudo_folder(self._val_queries_folder()).root) if self.config.adageo.ddda else data.val_queries
+        return fmt.read_split(split_dir, queries, data.database_folder), queries
 
     def test_sets(self) -> list[tuple[fmt.SplitDataset, str]]:
         split_dir = fmt.resolve_folder(self.root, self.config.data.test_splits, "Test")
-        return [(fmt.read_split(split_dir, q), q) for q in split_list(self.with_domain(self.config.data.test_queries))]
+        return [(fmt.read_split(split_dir, q, self.config.data.database_folder), q)
+                for q in split_list(self.with_domain(self.config.data.test_queries))]
 
     def monitor_items(self) -> list[str]:
         return [self.with_domain(item) for item in self.config.data.monitor]

@@ -215,6 +215,7 @@ def adageo_config() -> ConfigDict:
     c.data.synthetic_domains = ""      # the synthetic city's target domains to render ("" all)
     c.data.train_splits = "images/train"   # one folder: database/ (SVOX gallery) and the source queries
     c.data.train_queries = "queries"   # source training queries (SVOX train/queries)
+    c.data.database_folder = "database"  # the gallery's folder in every split (AdAGeo's own SVOX: "gallery")
     # Folders may name {domain} (adageo.domain): one config serves every target domain.
     c.data.target_folder = "images/train/queries_{domain}"  # the target domain's images; n_target are drawn
     c.data.val_split = "images/val"
