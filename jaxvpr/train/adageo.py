@@ -125,13 +125,6 @@ def make_train_step(model, disc: DomainDiscriminator, tx, disc_tx, config: Confi
     return train_step
 
 
-def select_target_images(paths: list[str], n: int, seed: int) -> list[str]:
-    """The few-shot target images without DDDA: the same draw as phase 1 makes (``ddda.select_target_images``)."""
-    from jaxvpr.train import ddda
-
-    return ddda.select_target_images(paths, n, seed)
-
-
 class AdAGeoTrainer(TripletTrainer):
     """AdAGeo's phase 2 on the triplet recipe's mining and the shared loop (module doc)."""
 
@@ -158,11 +151,12 @@ class AdAGeoTrainer(TripletTrainer):
         """DDDA's pseudo-targets and target images (``adageo.ddda``), or the few-shot draw alone."""
         config, a = self.config, self.config.adageo
         target_dir = fmt.resolve_folder(self.root, self.with_domain(config.data.target_folder), "Target-domain")
-        if not a.ddda:
-            paths = [str(target_dir / p) for p in fmt.list_images(target_dir)]
-            return {"pseudo_targets": {}, "target_images": select_target_images(paths, int(a.n_target),
-                                                                                int(config.seed))}
         from jaxvpr.train import ddda
+
+        if not a.ddda:  # the few-shot images alone, drawn as phase 1 draws them
+            paths = [str(target_dir / p) for p in fmt.list_images(target_dir)]
+            return {"pseudo_targets": {}, "target_images": ddda.select_target_images(paths, int(a.n_target),
+                                                                                     int(config.seed))}
 
         cfg = ConfigDict(config.ddda.to_dict())
         cfg.seed = config.seed
