@@ -34,17 +34,19 @@ def get_config():
     c.model.num_classes = 16
     c.adageo.scene_classes = 16
     c.adageo.backbone_checkpoint = "config:demo_baseline"
+    c.adageo.scene_images = 800          # gallery images the scene classifier is fitted on (faiss: >= 39 per class)
     c.adageo.kmeans_images = 300
     c.adageo.kmeans_per_image = 16       # a 128 px image has 4 x 4 layer4 positions
     c.adageo.grl_lr = 1e-3               # the discriminator (AdAGeo 1e-5, which learns nothing in 150 steps)
     c.adageo.compare = "adageo_demo_netvlad"
 
-    c.train.epochs = 3
+    c.train.epochs = 2
     c.train.lr = 1e-4
     c.train.queries_per_epoch = "200"
     c.train.cache_refresh_rate = 200
     c.train.mining = "partial"           # 1,000 sampled gallery images per refresh (AdAGeo: the whole gallery)
     c.train.neg_samples_num = 1000
+    c.train.positives_angle_deg = 30.0   # hard positives also within 30 deg of heading (AdAGeo: distance only)
     c.train.patience = 0
     c.train.log_every = 10
     c.train.checkpoint_every = 1000

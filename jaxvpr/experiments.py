@@ -9,7 +9,9 @@
 Each run is ``--config`` (an ``adageo`` config: ``configs/adageo_demo.py`` on the synthetic city,
 ``configs/adageo_svox.py`` on SVOX + RobotCar) with the method's switches, the domain and the seed set,
 trained in ``<workdir>/<experiment>/<domain>/<method>/seed<k>``. A finished run (its ``results.json``) is
-reused and a killed one resumes, so a table can be built over several sessions. The table prints
+reused and a killed one resumes, so a table can be built over several sessions; runs of one domain,
+seed and shot count share their phase 1 (the same DDDA config: the first run's ``ddda/`` folder is linked
+into the others). ``--methods 1,3`` runs some rows only. The table prints
 test R@1 at 25 m as mean +- std over the seeds per domain and the average over domains, like the
 paper's; ``table.md`` and ``table.json`` beside the runs keep it.
 
@@ -28,6 +30,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from jaxvpr import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +127,10 @@ def format_table(title: str, methods, domains: list[str], cells: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.experiments", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.experiments", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--config", default="configs/adageo_demo.py", help="the base adageo config")
     parser.add_argument("--domains", default="night", help="comma-separated target domains")
@@ -133,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="workdir/experiments")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for every run (repeatable)")
+    parser.add_argument("--methods", default="", help="comma-separated row numbers (1 = first row); default all")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their workdirs, train nothing")
     args = parser.parse_args(argv)
 
@@ -142,14 +148,26 @@ def main(argv=None) -> int:
     if base.recipe != "adageo":
         raise SystemExit(f"--config {args.config}: an adageo config is needed (recipe {base.recipe!r}).")
     methods = EXPERIMENTS[args.experiment]
+    if args.methods:
+        try:
+            methods = tuple(methods[int(i) - 1] for i in args.methods.split(",") if i.strip())
+        except (ValueError, IndexError):
+            raise SystemExit(f"--methods {args.methods!r}: row numbers 1..{len(methods)} of {args.experiment}, "
+                             "e.g. --methods 1,3") from None
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     root = Path(args.workdir) / args.experiment
     cells: dict[tuple[str, str], list[float]] = {}
+    phase1: dict[tuple[str, int, int], Path] = {}  # (domain, seed, shots) -> the first run's ddda/ folder
     for domain, method, seed in itertools.product(domains, methods, seeds):
         workdir = root / domain / method.slug / f"seed{seed}"
         config = run_config(base, method, domain, seed, args.set)
         done = workdir / "results.json"
+        if method.ddda and not args.dry_run:
+            shared = phase1.setdefault((domain, seed, int(config.adageo.n_target)), workdir / "ddda")
+            if shared != workdir / "ddda" and (shared / "results.json").is_file() and not (workdir / "ddda").exists():
+                workdir.mkdir(parents=True, exist_ok=True)
+                (workdir / "ddda").symlink_to(shared.absolute(), target_is_directory=True)
         print(f"== {method.label}, {domain}, seed {seed}: {workdir}" + (" (done)" if done.is_file() else ""),
               flush=True)
         if args.dry_run:

@@ -59,7 +59,7 @@ def world():
     geo = brute_geo(db, q)
     db_desc = r.normal(size=(300, 16)).astype(np.float32)
     q_desc = r.normal(size=(80, 16)).astype(np.float32)
-    return dict(data=data, geo=geo, db_desc=db_desc, q_desc=q_desc, desc=brute_desc(q_desc, db_desc))
+    return dict(data=data, geo=geo, db=db, q=q, db_desc=db_desc, q_desc=q_desc, desc=brute_desc(q_desc, db_desc))
 
 
 def line_dataset(n_db=20):
@@ -103,6 +103,22 @@ def test_hard_radius_above_soft_radius_is_refused():
     with pytest.raises(ValueError, match="train_positives_dist_threshold.*val_positive_dist_threshold"):
         mining.build_triplet_dataset(np.zeros((2, 2)), np.zeros((1, 2)), 30.0, 25.0)
 
+
+def test_hard_positives_within_an_angle_match_brute_force(world):
+    """``train.positives_angle_deg``: hard positives also need a heading within the angle (wrapping at
+    360), soft positives stay distance-only."""
+    geo, r = world["geo"], np.random.default_rng(5)
+    db_heading, q_heading = r.uniform(0, 360, geo.shape[1]), r.uniform(0, 360, geo.shape[0])
+    data = mining.build_triplet_dataset(world["db"], world["q"], HARD_M, SOFT_M, db_heading, q_heading, 40.0)
+    for i in range(len(geo)):
+        turn = [min(abs(db_heading[j] - q_heading[i]), 360 - abs(db_heading[j] - q_heading[i]))
+                for j in range(geo.shape[1])]
+        assert data.hard_positives[i].tolist() == [j for j in range(geo.shape[1])
+                                                   if geo[i, j] <= HARD_M and turn[j] <= 40.0]
+        assert data.soft_positives[i].tolist() == [j for j in range(geo.shape[1]) if geo[i, j] <= SOFT_M]
+    wrap = mining.build_triplet_dataset([[0.0, 0.0], [1.0, 0.0]], [[0.0, 1.0]], 10.0, 25.0, [355.0, 180.0], [10.0],
+                                        20.0)
+    assert wrap.hard_positives[0].tolist() == [0]  # 355 -> 10 deg is a 15 deg turn
 
 # ---------------------------------------------------------------- plan
 

@@ -56,10 +56,11 @@ from jaxvpr.data.augment import grl_augment
 from jaxvpr.models import feature_dim
 from jaxvpr.models.discriminator import DomainDiscriminator
 from jaxvpr.models.grl import grl_coefficient
-from jaxvpr.train import losses, mining
+from jaxvpr.train import losses
 from jaxvpr.train.config import ConfigError
 from jaxvpr.train.loop import epoch_seed, frozen_params_mask, stop_frozen
-from jaxvpr.train.triplet import TrainingSet, TripletTrainer, make_optimizer, split_list, triplet_loss_of_descriptors
+from jaxvpr.train.triplet import (TrainingSet, TripletTrainer, make_optimizer, split_list,
+                                  triplet_loss_of_descriptors, triplet_positives)
 
 DOMAIN_NAMES = ("source queries", "pseudo-target queries", "target images")
 
@@ -211,8 +212,8 @@ class AdAGeoTrainer(TripletTrainer):
             raise ConfigError("adageo.grl needs two domains: with adageo.n_target=0 turn on adageo.ddda "
                               "(source vs pseudo-target) or give target images.")
         q_utm = np.concatenate([f.utm for f in folders])
-        positives = mining.build_triplet_dataset(split.database.utm, q_utm, float(t.train_positives_dist_threshold),
-                                                 float(t.val_positive_dist_threshold))
+        positives = triplet_positives(t, split.database.utm, q_utm, split.database.heading,
+                                      np.concatenate([f.heading for f in folders]))
         paths = split.database.abs_paths() + [p for f in folders for p in f.abs_paths()]
         per_epoch = int(t.queries_per_epoch) or math.ceil(len(positives.valid_queries) / float(a.epoch_divider))
         name = "source + pseudo-target queries" if a.ddda else "source queries"

@@ -169,6 +169,7 @@ def triplet_config() -> ConfigDict:
     c.train.neg_samples_num = 1000     # database images sampled per refresh (partial, full); min(., database)
     c.train.train_positives_dist_threshold = 10.0  # metres: hard positives
     c.train.val_positive_dist_threshold = 25.0     # metres: soft positives (never negatives)
+    c.train.positives_angle_deg = 0.0              # > 0: hard positives also within this heading difference (deg)
     c.train.multi_dataset = "separated"  # "separated": epoch e trains dataset e mod N; "aggregated": one union
     c.train.aggregate_offset_m = 1e5   # aggregated: dataset k's easting shifted by k * this
     c.train.mixed_precision = False

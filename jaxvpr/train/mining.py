@@ -88,11 +88,16 @@ class MiningPlan:
     negative_pool: np.ndarray  # partial: the sampled db images (neg candidates); full: per-query pools are drawn in select; random: empty
 
 
-def build_triplet_dataset(db_utm, q_utm, hard_m: float, soft_m: float) -> TripletDataset:
+def build_triplet_dataset(db_utm, q_utm, hard_m: float, soft_m: float, db_heading=None, q_heading=None,
+                          hard_angle_deg: float | None = None) -> TripletDataset:
     """Hard (<= hard_m metres) and soft (<= soft_m metres) positives of every query (§B.2).
 
     Example: database at east 0, 5, 20 m, a query at 0 m, hard_m 5, soft_m 20 -> hard positives
     [0, 1] (5 m is on the radius and counts), soft positives [0, 1, 2].
+
+    ``hard_angle_deg`` also requires a hard positive's heading within that many degrees of the
+    query's (``train.positives_angle_deg``; the VG benchmark and AdAGeo use distance only). Soft
+    positives stay distance-only: an image 10 m away looking elsewhere is still no negative.
     """
     if hard_m > soft_m:
         raise ConfigError(
@@ -103,8 +108,8 @@ def build_triplet_dataset(db_utm, q_utm, hard_m: float, soft_m: float) -> Triple
     q_utm = np.asarray(q_utm, dtype=np.float64)
     if q_utm.ndim != 2 or q_utm.shape[1] != 2:
         raise ValueError(f"q_utm must be (N, 2) east/north in metres, got shape {q_utm.shape}")
-    finder = PositiveFinder(db_utm)
-    hard = finder.positives(q_utm, hard_m)
+    finder = PositiveFinder(db_utm, db_heading if hard_angle_deg is not None else None)
+    hard = finder.positives(q_utm, hard_m, q_heading, hard_angle_deg)
     soft = finder.positives(q_utm, soft_m)
     valid = np.array([i for i, h in enumerate(hard) if len(h)], dtype=np.int64)
     return TripletDataset(db_utm=db_utm, q_utm=q_utm, hard_positives=hard, soft_positives=soft,

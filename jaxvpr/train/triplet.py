@@ -146,6 +146,13 @@ def split_list(text: str) -> list[str]:
     return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
+def triplet_positives(t: ConfigDict, db_utm, q_utm, db_heading, q_heading) -> mining.TripletDataset:
+    """Hard and soft positives with the fields of ``config.train`` (``positives_angle_deg`` 0: distance only)."""
+    angle = float(t.positives_angle_deg) or None
+    return mining.build_triplet_dataset(db_utm, q_utm, float(t.train_positives_dist_threshold),
+                                        float(t.val_positive_dist_threshold), db_heading, q_heading, angle)
+
+
 def load_training_sets(config: ConfigDict, root) -> list[TrainingSet]:
     """The training datasets as mining units, with their positives (``separated``: one per dataset)."""
     t = config.train
@@ -163,8 +170,8 @@ def load_training_sets(config: ConfigDict, root) -> list[TrainingSet]:
         raise ConfigError(f"config.train.multi_dataset={t.multi_dataset!r}: 'separated' or 'aggregated'.")
 
     def unit(name, dbs, qs, db_utm, q_utm, n_queries):
-        positives = mining.build_triplet_dataset(db_utm, q_utm, float(t.train_positives_dist_threshold),
-                                                 float(t.val_positive_dist_threshold))
+        positives = triplet_positives(t, db_utm, q_utm, np.concatenate([f.heading for f in dbs]),
+                                      np.concatenate([f.heading for f in qs]))
         paths = [p for f in dbs for p in f.abs_paths()] + [p for f in qs for p in f.abs_paths()]
         logging.info("training set %s: %d database images, %d queries, %d dropped (no hard positive within %g m)",
                      name, positives.num_database, positives.num_queries, positives.num_dropped,
