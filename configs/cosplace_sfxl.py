@@ -22,6 +22,7 @@ def get_config():
     c.data.test_split = "sf_xl/processed/test"
     c.data.test_queries = "queries_v1"
     c.data.image_size = 512
+    c.data.truncated_images = "pil"  # SF-XL's truncated JPEGs decode as in CosPlace (PIL LOAD_TRUNCATED_IMAGES)
     c.model.name = "cosplace_resnet18_512"
     c.train.epochs = 20
     c.grl.enabled = False

@@ -25,6 +25,7 @@ def get_config():
     c.data.test_queries = "queries_v1"
     c.data.target_folder = "sf_xl/processed/test/queries_v1"
     c.data.image_size = 512
+    c.data.truncated_images = "pil"  # SF-XL's truncated JPEGs decode as in CosPlace (PIL LOAD_TRUNCATED_IMAGES)
     c.model.name = "cosplace_resnet18_512"
     c.model.init_checkpoint = ""     # path of the converted CosPlace ResNet-18/512 hub checkpoint
     c.train.epochs = 20

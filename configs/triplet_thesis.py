@@ -81,6 +81,7 @@ def get_config(arg: str = "eigenplaces,GB1,10_25,separated") -> ConfigDict:
     c.data.train_crop = size
     c.data.eval_resize = str(size)
     c.data.image_size = size
+    c.data.truncated_images = "pil"  # a truncated image decodes as PIL with LOAD_TRUNCATED_IMAGES (the anchors)
     c.train.multi_dataset = mode
     c.train.queries_per_epoch = str(min(QUERIES_PER_EPOCH[k] for k in train_codes))
     c.train.cache_refresh_rate = 0  # one refresh per epoch (the fork's launchers: --cache_refresh_rate Q)

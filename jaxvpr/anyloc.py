@@ -32,7 +32,6 @@ bilinear *before* normalisation (AnyLoc resizes the normalised tensor), and the 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from jaxvpr import cli
 
 PATCH_SIZE = 14
 
@@ -354,8 +355,9 @@ def set_vocabulary_command(args) -> int:
     return 0
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.anyloc", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.anyloc", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("vocabulary", help="fit AnyLoc centres on a folder of images")
     p.add_argument("--checkpoint", help="jaxvpr checkpoint of an AnyLoc model (e.g. from `jaxvpr.convert from-torch`)")
@@ -381,11 +383,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.set_defaults(func=set_vocabulary_command)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return args.func(args)
 
 
 if __name__ == "__main__":

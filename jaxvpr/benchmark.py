@@ -56,9 +56,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxvpr import cli
 from jaxvpr import evaluate as ev
 from jaxvpr import parallel
-from jaxvpr.data.format import DatasetError, SplitDataset, read_split
+from jaxvpr.data.format import SplitDataset, read_split
 from jaxvpr.data.images import ShorterSide
 
 THESIS_THRESHOLDS = "1:5,10:30,25:60,1,10,25"
@@ -577,9 +578,10 @@ def load_config(path: str):
         raise BenchmarkConfigError(str(e)) from None
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.benchmark", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="a benchmark config file (configs/benchmark_*.py)")
     parser.add_argument("--model", action="append", default=[], help='"label=... checkpoint=... resize=..." (repeat)')
     parser.add_argument("--dataset", action="append", default=[], help="split folder[:queries folder] (repeat)")
@@ -591,31 +593,27 @@ def main(argv=None) -> int:
     parser.add_argument("--only-wrong", action="store_true", help="pictures only of queries wrong at R@1")
     parser.add_argument("--save-map", action="store_true", help="a map per model and dataset")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config) if args.config else None
-        models = [parse_model_spec(s) for s in args.model]
-        if not models and cfg is not None:
-            models = [ModelEntry.from_fields(dict(m)) for m in cfg.models]
-        specs = [s for spec in args.dataset for s in spec.split(",")] or (list(cfg.datasets) if cfg else [])
-        datasets = [d for spec in specs for d in expand_datasets(spec)]
-        thresholds = parse_threshold_spec(args.thresholds or (cfg.thresholds if cfg is not None else THESIS_THRESHOLDS))
-        out = args.out or (cfg.out if cfg is not None and cfg.get("out") else None)
-        if not out:
-            raise BenchmarkConfigError("give --out FOLDER (reports and the descriptor cache go there)")
-        num_workers = args.num_workers if args.num_workers is not None else int(cfg.get("num_workers", 0) if cfg else 0)
-        save_predictions = args.save_predictions if args.save_predictions is not None else \
-            int(cfg.get("save_predictions", 0) if cfg else 0)
-        pictures = None
-        if save_predictions or args.save_map:
-            from jaxvpr.visualize import PictureOptions
+    cfg = load_config(args.config) if args.config else None
+    models = [parse_model_spec(s) for s in args.model]
+    if not models and cfg is not None:
+        models = [ModelEntry.from_fields(dict(m)) for m in cfg.models]
+    specs = [s for spec in args.dataset for s in spec.split(",")] or (list(cfg.datasets) if cfg else [])
+    datasets = [d for spec in specs for d in expand_datasets(spec)]
+    thresholds = parse_threshold_spec(args.thresholds or (cfg.thresholds if cfg is not None else THESIS_THRESHOLDS))
+    out = args.out or (cfg.out if cfg is not None and cfg.get("out") else None)
+    if not out:
+        raise BenchmarkConfigError("give --out FOLDER (reports and the descriptor cache go there)")
+    num_workers = args.num_workers if args.num_workers is not None else int(cfg.get("num_workers", 0) if cfg else 0)
+    save_predictions = args.save_predictions if args.save_predictions is not None else \
+        int(cfg.get("save_predictions", 0) if cfg else 0)
+    pictures = None
+    if save_predictions or args.save_map:
+        from jaxvpr.visualize import PictureOptions
 
-            pictures = PictureOptions(num_predictions=save_predictions, only_wrong=args.only_wrong,
-                                      save_map=args.save_map)
-        parallel.initialize()
-        report = run_benchmark(models, datasets, thresholds, out, num_workers, pictures=pictures)
-    except (BenchmarkConfigError, DatasetError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        pictures = PictureOptions(num_predictions=save_predictions, only_wrong=args.only_wrong,
+                                  save_map=args.save_map)
+    parallel.initialize()
+    report = run_benchmark(models, datasets, thresholds, out, num_workers, pictures=pictures)
     if parallel.is_main_process():
         print()
         print(markdown_report(report))

@@ -4,6 +4,14 @@ A query counts at N when any of its first N predictions is a positive: a databas
 ``distance_m`` metres and, when an angle is paired with the distance, within ``angle_deg`` degrees of
 heading (thesis Tables 5.2-5.21). The upper bound is the share of queries that have any positive.
 
+Unreadable images (empty, not an image, truncated, listed but missing): an unreadable database image
+stops the evaluation with its name, or with ``skip_corrupt`` is skipped (it cannot be retrieved).
+An unreadable query is, by ``unreadable_queries``: ``"miss"`` (default) never found but kept in the
+recall's denominator, as CosPlace and the VG benchmark divide by every query; ``"exclude"`` left out
+of the denominator (jaxvpr's earlier ``--skip-corrupt``: recalls not comparable with published
+ones); ``"error"`` stops the evaluation. Skipped images are counted and listed in results.json. A
+truncated JPEG decodes as in CosPlace with ``--truncated-images pil`` (``jaxvpr.data.images``).
+
 Command line::
 
     python -m jaxvpr.evaluate --dataset DATA/images/test --queries queries_night \\
@@ -12,6 +20,7 @@ Command line::
         --thresholds 1,10,25,1,10,25 --angles -,-,-,5,30,60
     python -m jaxvpr.evaluate ... --out results/ --save-predictions 5 --only-wrong --save-map  # pictures
     python -m jaxvpr.evaluate ... --resize 480,640 --test-method maj_voting --pca-dim 256  # VG test time
+    python -m jaxvpr.evaluate ... --truncated-images pil --skip-corrupt  # SF-XL as CosPlace reads it
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from jaxvpr.data.format import ImageFolder, SplitDataset, read_split
 from jaxvpr.data.positives import PositiveFinder, is_positive
 
 RECALL_VALUES = (1, 5, 10, 20)
+UNREADABLE_QUERIES = ("miss", "exclude", "error")  # what an unreadable query counts as (module docstring)
 
 
 # ----------------------------------------------------------------------------- kNN and recall
@@ -85,14 +95,21 @@ def parse_thresholds(distances: str | Sequence[float], angles: str | Sequence | 
             return [s.strip() for s in v.split(",") if s.strip()]
         return list(v)
 
-    ds = [float(d) for d in split(distances)]
+    def number(value, what: str) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds {distances!r}, angles {angles!r}: {what} {value!r} is not a number "
+                             "(e.g. thresholds 1,10,25 with angles -,30,60).") from None
+
+    ds = [number(d, "distance") for d in split(distances)]
     angs = split(angles)
     if len(angs) > len(ds):
         raise ValueError(f"{len(angs)} angles for {len(ds)} distances: each angle pairs with one distance.")
     out = []
     for i, d in enumerate(ds):
         a = angs[i] if i < len(angs) else None
-        a = None if a in (None, "-", "none", "") else float(a)
+        a = None if a in (None, "-", "none", "") else number(a, "angle")
         if d <= 0 or (a is not None and not 0 < a <= 180):
             raise ValueError(f"Threshold {d} m / {a}° out of range (distance > 0, 0 < angle <= 180).")
         out.append(Threshold(d, a))
@@ -137,6 +154,13 @@ def chance_recalls(database: ImageFolder, queries: ImageFolder, threshold: Thres
             miss *= np.clip((d - n_pos - i) / (d - i), 0.0, 1.0)
         out[str(n)] = float(100.0 * np.mean(1.0 - miss)) if len(n_pos) else 0.0
     return out
+
+
+def skipped_summary(results: dict) -> str:
+    """One line on the unreadable images of a results dict that has any (``num_queries_skipped``)."""
+    queries = "counted as misses" if results["unreadable_queries"] == "miss" else "left out of the recall"
+    return (f"unreadable images: {results['num_database_skipped']} database images skipped, "
+            f"{results['num_queries_skipped']} queries {queries}")
 
 
 def format_table(results: list[dict], title: str = "") -> str:
@@ -245,41 +269,54 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
     return Descriptors(values, valid, skipped)
 
 
+def check_unreadable_queries(unreadable_queries: str) -> str:
+    if unreadable_queries not in UNREADABLE_QUERIES:
+        raise ValueError(f"unreadable_queries={unreadable_queries!r}: expected 'miss' (counted in the recall, "
+                         "never found), 'exclude' (left out of the recall) or 'error' (stop).")
+    return unreadable_queries
+
+
 def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
                          thresholds: Sequence[Threshold], queries_folder: str = "queries",
-                         test_method: str = "hard_resize", majority_weight: float = 0.01) -> tuple[dict, np.ndarray]:
+                         test_method: str = "hard_resize", majority_weight: float = 0.01,
+                         unreadable_queries: str = "miss") -> tuple[dict, np.ndarray]:
     """results.json content and the top-K predictions (indices into the database), from descriptors.
 
-    Skipped (unreadable) database images cannot be retrieved; skipped queries are left out of the
-    recall and counted in ``num_queries_skipped``. Crop descriptors (Q, 5, D) of nearest_crop and
-    maj_voting are searched and merged as ``jaxvpr.testtime.search`` describes.
+    Skipped (unreadable) database images cannot be retrieved. Skipped queries have no predictions
+    (-1) and, with ``unreadable_queries="miss"``, stay in the recall as misses: ``num_queries``, the
+    recall's denominator, is every query; with ``"exclude"`` they are left out of the recall and of
+    ``num_queries``. Either way they are counted in ``num_queries_skipped``. Crop descriptors
+    (Q, 5, D) of nearest_crop and maj_voting are searched and merged as ``jaxvpr.testtime.search``
+    describes.
     """
     from jaxvpr import testtime
 
+    check_unreadable_queries(unreadable_queries)
     db_rows = np.flatnonzero(db.valid)
     q_rows = np.flatnonzero(q.valid)
     k = max(RECALL_VALUES)
     _, found = testtime.search(db.values[db_rows], q.values[q_rows], k, test_method, majority_weight)
-    predictions = np.where(found >= 0, db_rows[np.maximum(found, 0)], -1)
-    queries = ImageFolder(split.queries.root, [split.queries.paths[i] for i in q_rows],
-                          split.queries.utm[q_rows], split.queries.heading[q_rows])
+    full_predictions = np.full((len(split.queries), k), -1, dtype=np.int64)
+    full_predictions[q_rows] = np.where(found >= 0, db_rows[np.maximum(found, 0)], -1)
+    counted = q_rows if unreadable_queries == "exclude" else np.arange(len(split.queries))
+    queries = ImageFolder(split.queries.root, [split.queries.paths[i] for i in counted],
+                          split.queries.utm[counted], split.queries.heading[counted])
     results = {
         "dataset": split.name,
         "queries_folder": queries_folder,
         "num_database": int(len(db_rows)),
-        "num_queries": int(len(q_rows)),
+        "num_queries": int(len(counted)),
         "descriptor_dim": int(db.values.shape[1]),
         "test_method": test_method,
-        "results": compute_results(split.database, queries, predictions, thresholds),
+        "results": compute_results(split.database, queries, full_predictions[counted], thresholds),
     }
     if test_method == "maj_voting":
         results["majority_weight"] = majority_weight
     if len(db.skipped_paths) or len(q.skipped_paths):
         results["num_database_skipped"] = len(db.skipped_paths)
         results["num_queries_skipped"] = len(q.skipped_paths)
+        results["unreadable_queries"] = "exclude" if unreadable_queries == "exclude" else "miss"
         results["skipped_paths"] = db.skipped_paths + q.skipped_paths
-    full_predictions = np.full((len(split.queries), k), -1, dtype=np.int64)
-    full_predictions[q_rows] = predictions
     return results, full_predictions
 
 
@@ -288,32 +325,35 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
                    batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
                    out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
                    progress: bool = True, pictures=None, test_method: str = "hard_resize",
-                   majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None) -> dict:
+                   majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None,
+                   unreadable_queries: str = "miss") -> dict:
     """Describes the split's database and queries with ``describe`` and computes the results dict.
 
-    ``pictures`` (a :class:`jaxvpr.visualize.PictureOptions`) draws the per-query predictions and the
-    map into ``out_dir`` as well. ``test_method`` is one of the VG benchmark's ways to describe and
-    search queries (``jaxvpr.testtime``; the database always uses ``resize``). ``pca_dim`` projects
-    all descriptors on the principal axes of the database's descriptors, or of the images of
-    ``pca_folder`` (VG ``--pca_dim``, ``--pca_dataset_folder``).
+    ``skip_corrupt`` skips unreadable database (and PCA) images; ``unreadable_queries`` says what an
+    unreadable query is (module docstring). ``pictures`` (a :class:`jaxvpr.visualize.PictureOptions`)
+    draws the per-query predictions and the map into ``out_dir`` as well. ``test_method`` is one of
+    the VG benchmark's ways to describe and search queries (``jaxvpr.testtime``; the database always
+    uses ``resize``). ``pca_dim`` projects all descriptors on the principal axes of the database's
+    descriptors, or of the images of ``pca_folder`` (VG ``--pca_dim``, ``--pca_dataset_folder``).
     """
     from jaxvpr import testtime
 
     q_resize = resize if queries_resize == "same" else queries_resize
     testtime.query_preparation(test_method, q_resize)  # a wrong method or resize fails before any extraction
+    check_unreadable_queries(unreadable_queries)
     pca_paths = testtime.pca_folder_paths(pca_folder) if pca_dim and pca_folder else None
     start = time.time()
     db = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
                              skip_corrupt, "database", progress)
     q = testtime.describe_queries(describe, split.queries.abs_paths(), test_method, q_resize, batch_size,
-                                  num_workers, skip_corrupt, queries_folder, progress)
+                                  num_workers, unreadable_queries != "error", queries_folder, progress)
     if pca_dim:  # fitted once, applied to database and queries, not renormalised
         pca = (testtime.fit_pca(db.values[db.valid], pca_dim) if pca_paths is None else
                testtime.fit_pca_on_images(describe, pca_paths, pca_dim, resize, batch_size, num_workers,
                                           skip_corrupt, progress))
         db, q = pca.project_descriptors(db), pca.project_descriptors(q)
     results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder, test_method,
-                                                majority_weight)
+                                                majority_weight, unreadable_queries)
     if pca_dim:
         results["pca"] = pca.summary(pca_folder or "database")
     results["seconds"] = round(time.time() - start, 2)
@@ -328,7 +368,7 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
 
 def evaluate_query_sets(describe: Callable, items: Sequence[tuple[SplitDataset, str]],
                         thresholds: Sequence[Threshold] = (Threshold(25.0),), resize=None, batch_size: int = 32,
-                        num_workers: int = 0, progress: bool = False) -> list[dict]:
+                        num_workers: int = 0, progress: bool = False, unreadable_queries: str = "miss") -> list[dict]:
     """Results of several ``(split, queries_folder)`` pairs, describing each distinct database once.
 
     E.g. day and night test queries against one test database (the demo's per-epoch monitor, or
@@ -341,9 +381,10 @@ def evaluate_query_sets(describe: Callable, items: Sequence[tuple[SplitDataset, 
         if key not in databases:
             databases[key] = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
                                                  False, "database", progress)
-        q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, resize, num_workers, False, queries,
-                                progress, mixed_sizes=True)
-        out.append(evaluate_descriptors(split, databases[key], q, thresholds, queries)[0])
+        q = extract_descriptors(describe, split.queries.abs_paths(), batch_size, resize, num_workers,
+                                unreadable_queries != "error", queries, progress, mixed_sizes=True)
+        out.append(evaluate_descriptors(split, databases[key], q, thresholds, queries,
+                                        unreadable_queries=unreadable_queries)[0])
     return out
 
 
@@ -352,38 +393,47 @@ def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str
              batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
              out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
              progress: bool = True, pictures=None, test_method: str = "hard_resize",
-             majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None) -> dict:
+             majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None,
+             unreadable_queries: str = "miss") -> dict:
     """Evaluates a model on ``<split_dir>/database`` vs ``<split_dir>/<queries_folder>``.
 
     Returns the results dict (see module docstring); with ``out_dir`` writes ``results.json`` there and,
     with ``save_descriptors``, the descriptors, top-20 predictions and the row order of each. See
-    :func:`evaluate_split` for the test-time method and the PCA.
+    :func:`evaluate_split` for unreadable images, the test-time method and the PCA.
     """
     split = read_split(split_dir, queries_folder)
     return evaluate_split(make_descriptor_fn(model, variables), split, queries_folder, thresholds, resize,
                           queries_resize, batch_size, num_workers, skip_corrupt, out_dir, save_descriptors,
                           progress, pictures, test_method=test_method, majority_weight=majority_weight,
-                          pca_dim=pca_dim, pca_folder=pca_folder)
+                          pca_dim=pca_dim, pca_folder=pca_folder, unreadable_queries=unreadable_queries)
 
 
 def write_results(out_dir, results: dict, split: SplitDataset, db: Descriptors, q: Descriptors,
                   predictions: np.ndarray, save_descriptors: bool) -> None:
-    """Writes results.json (atomically) and optionally descriptors, predictions and row orders."""
+    """Writes optionally descriptors, predictions and row orders, then results.json, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     if save_descriptors:
-        np.save(out_dir / "database_descriptors.npy", db.values)
-        np.save(out_dir / "queries_descriptors.npy", q.values)
-        np.save(out_dir / "predictions.npy", predictions)
+        atomic_save_npy(out_dir / "database_descriptors.npy", db.values)
+        atomic_save_npy(out_dir / "queries_descriptors.npy", q.values)
+        atomic_save_npy(out_dir / "predictions.npy", predictions)
         atomic_write_text(out_dir / "database_paths.txt", "\n".join(split.database.paths) + "\n")
         atomic_write_text(out_dir / "queries_paths.txt", "\n".join(split.queries.paths) + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes via a temporary file and a rename: a killed run never leaves a half-written file."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` via a temporary file and a rename, as :func:`atomic_write_text`."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
     os.replace(tmp, path)
 
 
@@ -451,6 +501,8 @@ def main(argv):
     del argv
     from absl import flags
 
+    from jaxvpr.data.images import set_truncated_mode
+
     FLAGS = flags.FLAGS
     if FLAGS.list_models:
         from jaxvpr.models import list_models
@@ -460,15 +512,18 @@ def main(argv):
     if not FLAGS.dataset:
         raise SystemExit("--dataset SPLIT_DIR is required (the folder holding database/ and the queries folder).")
     pictures = picture_options(FLAGS)
+    set_truncated_mode(FLAGS.truncated_images, "--truncated-images")
     parallel.initialize()  # several processes split the extraction (launch/local_multiprocess.sh sets it up)
     thresholds = parse_thresholds(FLAGS.thresholds, FLAGS.angles)
-    model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
     resize = parse_resize(FLAGS.resize)
     q_resize = "same" if FLAGS.queries_resize == "same" else parse_resize(FLAGS.queries_resize)
-    results = evaluate(model, variables, FLAGS.dataset, FLAGS.queries, thresholds, resize, q_resize,
-                       FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
-                       FLAGS.save_descriptors, pictures=pictures, test_method=FLAGS.test_method,
-                       majority_weight=FLAGS.majority_weight, pca_dim=FLAGS.pca_dim, pca_folder=FLAGS.pca_folder)
+    split = read_split(FLAGS.dataset, FLAGS.queries)  # a wrong folder or image name fails before the model
+    model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
+    results = evaluate_split(make_descriptor_fn(model, variables), split, FLAGS.queries, thresholds, resize,
+                             q_resize, FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
+                             FLAGS.save_descriptors, pictures=pictures, test_method=FLAGS.test_method,
+                             majority_weight=FLAGS.majority_weight, pca_dim=FLAGS.pca_dim,
+                             pca_folder=FLAGS.pca_folder, unreadable_queries=FLAGS.unreadable_queries)
     if not parallel.is_main_process():
         return 0
     title = (f"{results['dataset']} / {results['queries_folder']}: {results['num_queries']} queries, "
@@ -477,8 +532,7 @@ def main(argv):
         title += f", queries by {results['test_method']}"
     print(format_table(results["results"], title))
     if "num_queries_skipped" in results:
-        print(f"skipped unreadable images: {results['num_database_skipped']} database, "
-              f"{results['num_queries_skipped']} queries (listed in results.json)")
+        print(skipped_summary(results) + (" (listed in results.json)" if FLAGS.out else ""))
     if FLAGS.out:
         print(f"wrote {Path(FLAGS.out) / 'results.json'}")
     if pictures and pictures.num_predictions:
@@ -491,6 +545,7 @@ def main(argv):
 def define_flags():
     from absl import flags
 
+    from jaxvpr.data.images import TRUNCATED_MODES
     from jaxvpr.testtime import TEST_METHODS
 
     flags.DEFINE_string("dataset", None, "Split folder holding database/ and the queries folder, e.g. DATA/images/test.")
@@ -501,7 +556,13 @@ def define_flags():
     flags.DEFINE_string("queries_resize", "same", "Resize for queries if different from --resize ('same').")
     flags.DEFINE_integer("batch_size", 32, "Images per batch (images of differing sizes go one at a time).")
     flags.DEFINE_integer("num_workers", 0, "Decoding worker processes (0: in the main process).")
-    flags.DEFINE_boolean("skip_corrupt", False, "Skip unreadable images (counted in the report) instead of failing.")
+    flags.DEFINE_boolean("skip_corrupt", False, "Skip unreadable database images (counted in the report) instead "
+                         "of stopping; unreadable queries follow --unreadable_queries.")
+    flags.DEFINE_enum("unreadable_queries", "miss", UNREADABLE_QUERIES, "An unreadable query: 'miss' (kept in the "
+                      "recall's denominator, never found, as CosPlace), 'exclude' (left out of the recall), 'error'.")
+    flags.DEFINE_enum("truncated_images", None, TRUNCATED_MODES, "A truncated image: 'error' (unreadable) or 'pil' "
+                      "(decoded as PIL with LOAD_TRUNCATED_IMAGES does, as CosPlace); default $JAXVPR_TRUNCATED_IMAGES "
+                      "or 'error'.")
     flags.DEFINE_string("out", None, "Folder for results.json (and descriptors with --save_descriptors).")
     flags.DEFINE_boolean("save_descriptors", False, "Also write descriptors, top-20 predictions and row orders.")
     flags.DEFINE_enum("test_method", "hard_resize", TEST_METHODS, "How queries are described and searched, as in "
@@ -539,7 +600,7 @@ def underscore_flags(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     import sys
 
-    from absl import app
+    from jaxvpr import cli
 
     define_flags()
-    app.run(main, argv=underscore_flags(sys.argv))
+    cli.run_absl(main, underscore_flags(sys.argv))

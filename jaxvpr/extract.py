@@ -7,16 +7,19 @@ A folder is walked recursively (or read from ``<DIR>_images_paths.txt``); the ro
 beside the output as ``<out stem>_paths.txt``. Images of differing sizes are described at their own
 size, grouped by size. A ``.npy`` file holds uint8 images (N, H, W, 3), described at their own size
 after ImageNet normalisation. ``--checkpoint`` is a converted checkpoint or a training workdir (its
-best model, else its latest checkpoint).
+best model, else its latest checkpoint). An unreadable image is an error naming it, or with
+``--skip-corrupt`` a row of zeros (listed); ``--truncated-images pil`` decodes truncated JPEGs as
+CosPlace does. The outputs are written only once every image is described (each atomically).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from jaxvpr import cli
 
 
 def describe_array(describe, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -37,8 +40,11 @@ def describe_array(describe, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.extract", description=__doc__.split("\n\n")[0])
+    from jaxvpr.data.images import TRUNCATED_MODES
+
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.extract", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--images", required=True, help="a folder of images or a .npy of uint8 (N,H,W,3)")
     parser.add_argument("--out", required=True, help="output .npy of float32 descriptors (N, D)")
@@ -46,36 +52,42 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (rows of zeros)")
+    parser.add_argument("--truncated-images", choices=TRUNCATED_MODES, default=None,
+                        help="a truncated image: error, or pil (decoded as CosPlace's PIL does); "
+                             "default $JAXVPR_TRUNCATED_IMAGES or error")
     args = parser.parse_args(argv)
 
     from jaxvpr.checkpoint import load_model
     from jaxvpr.data.format import list_images
-    from jaxvpr.evaluate import extract_descriptors, make_descriptor_fn, parse_resize
+    from jaxvpr.data.images import set_truncated_mode
+    from jaxvpr.evaluate import (atomic_save_npy, atomic_write_text, extract_descriptors, make_descriptor_fn,
+                                 parse_resize)
     from jaxvpr.models import build_model
 
-    try:
-        cfg, variables = load_model(args.checkpoint)
-        describe = make_descriptor_fn(build_model(cfg), variables)
-        source = Path(args.images)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if source.suffix == ".npy":
-            if args.resize:
-                raise ValueError("--resize applies to folders; a .npy is described at its own size")
-            descriptors = describe_array(describe, np.load(source, allow_pickle=False), args.batch_size)
-        else:
-            rel = list_images(source)
-            result = extract_descriptors(describe, [str(source / p) for p in rel], args.batch_size,
-                                         parse_resize(args.resize), args.num_workers, args.skip_corrupt,
-                                         source.name, mixed_sizes=True)
-            descriptors = result.values
-            out.with_name(out.stem + "_paths.txt").write_text("\n".join(rel) + "\n")
-            if result.skipped_paths:
-                print(f"skipped {len(result.skipped_paths)} unreadable images (zero rows): {result.skipped_paths[:5]}")
-        np.save(out, descriptors)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    set_truncated_mode(args.truncated_images, "--truncated-images")
+    source = Path(args.images)
+    out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")  # as np.save names it
+    if source.suffix == ".npy":
+        if args.resize:
+            raise ValueError("--resize applies to folders; a .npy is described at its own size")
+        images, rel = np.load(source, allow_pickle=False), None
+    else:
+        rel = list_images(source)  # a missing or empty folder fails before the model is loaded
+    cfg, variables = load_model(args.checkpoint)
+    describe = make_descriptor_fn(build_model(cfg), variables)
+    if rel is None:
+        descriptors = describe_array(describe, images, args.batch_size)
+    else:
+        result = extract_descriptors(describe, [str(source / p) for p in rel], args.batch_size,
+                                     parse_resize(args.resize), args.num_workers, args.skip_corrupt,
+                                     source.name, mixed_sizes=True)
+        descriptors = result.values
+        if result.skipped_paths:
+            print(f"skipped {len(result.skipped_paths)} unreadable images (zero rows): {result.skipped_paths[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(out, descriptors)
+    if rel is not None:
+        atomic_write_text(out.with_name(out.stem + "_paths.txt"), "\n".join(rel) + "\n")
     print(f"{cfg.name}: {descriptors.shape[0]} descriptors of dimension {descriptors.shape[1]} -> {out}")
     return 0
 

@@ -13,12 +13,17 @@ Any config field can be overridden on the command line; an unknown field is an e
   attentive NetVLAD with a 3-domain GRL and the triplet loss; see ``jaxvpr/train/adageo.py``.
 - ``ddda``: AdAGeo's phase 1 alone; see ``jaxvpr/train/ddda.py``.
 - ``evaluate``: describe a split's database and query folders with a model and report recalls.
+
+``config.data.truncated_images`` ("error" or "pil"; the thesis configs set "pil", as CosPlace reads
+SF-XL's truncated JPEGs) is the decode mode of truncated images for the whole run. A user error --
+a missing folder, a malformed image name, an unknown config field, a checkpoint that does not fit,
+a non-finite loss -- ends the run with one line ``error: ...`` and status 1; ``--debug`` or
+``JAXVPR_DEBUG=1`` shows its traceback (``jaxvpr/cli.py``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -49,10 +54,13 @@ def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
         out = workdir / config.eval.split / queries
         res = ev.evaluate(model, variables, root / "images" / config.eval.split, queries, thresholds,
                           resize, batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
-                          out_dir=out)
+                          skip_corrupt=config.eval.get("skip_corrupt", False), out_dir=out,
+                          unreadable_queries=config.eval.get("unreadable_queries", "miss"))
         if main:
             print(ev.format_table(res["results"], f"\n{config.eval.split}/{queries}: {res['num_queries']} queries, "
                                                   f"{res['num_database']} database images"))
+            if "num_queries_skipped" in res:
+                print(ev.skipped_summary(res))
         all_results[queries] = res
     if main:
         ev.atomic_write_text(workdir / "results.json", json.dumps(all_results, indent=2) + "\n")
@@ -73,12 +81,19 @@ RECIPES = {"cosplace": run_training, "triplet": run_training, "adageo": run_trai
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if config is None:
+    if not flags.FLAGS["config"].present:
         raise app.UsageError("--config configs/<name>.py is required.")
+    filename = flags.FLAGS["config"].config_filename
+    if not Path(filename.split(":")[0]).is_file():
+        raise app.UsageError(f"--config {filename}: no such config file (the configs are in configs/).")
+    config = _CONFIG.value
     if config.recipe not in RECIPES:
         raise app.UsageError(f"config.recipe={config.recipe!r}; known recipes: {sorted(RECIPES)}")
     from jaxvpr import parallel
+    from jaxvpr.data.images import set_truncated_mode
+
+    # The decode mode of truncated images for the whole run (absent: $JAXVPR_TRUNCATED_IMAGES, else "error").
+    set_truncated_mode(config.data.get("truncated_images"), "config.data.truncated_images")
 
     if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, XLA) would drown the run's output
         logging.set_verbosity(logging.WARNING)
@@ -87,20 +102,13 @@ def main(argv):
     workdir = Path(flags.FLAGS.workdir or Path("workdir") / name)
     workdir.mkdir(parents=True, exist_ok=True)
     logging.info("recipe %s, workdir %s", config.recipe, workdir)
-    from jaxvpr.checkpoint import CheckpointError
-    from jaxvpr.data.format import DatasetError
-    from jaxvpr.train.config import ConfigError
-    from jaxvpr.train.loop import NonFiniteLossError
-
-    try:
-        RECIPES[config.recipe](config, workdir)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    RECIPES[config.recipe](config, workdir)
     if parallel.is_main_process():
         minutes, seconds = divmod(int(round(time.time() - _START)), 60)
         print(f"{config.recipe} run finished in {minutes} min {seconds:02d} s (workdir {workdir}).", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxvpr import cli
+
+    cli.run_absl(main)

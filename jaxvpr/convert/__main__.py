@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvpr import cli
+
 
 def torchvision_backbone(state_dict: dict[str, np.ndarray], model_cfg, seed: int = 0) -> dict[str, np.ndarray]:
     """A torchvision ImageNet classifier's tensors placed in the model's layout; head tensors random.
@@ -147,8 +149,9 @@ def to_torch(args) -> int:
     return 0
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.convert", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     from jaxvpr.convert.cnn import WHITENING_EXPORT
 
@@ -175,11 +178,7 @@ def main(argv=None) -> int:
                    help="AP-GeM: where the whitening .npz goes (default: <out without suffix>.whitening.npz)")
     p.set_defaults(func=to_torch)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return args.func(args)
 
 
 if __name__ == "__main__":

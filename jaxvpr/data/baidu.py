@@ -25,7 +25,6 @@ other name fields are those of ``jaxvpr.data.kapture`` (its module docstring); `
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvpr import cli
 from jaxvpr.data.format import IMAGE_EXTENSIONS
 from jaxvpr.data.kapture import AXES, ConversionError, PosedImages, write_layout
 
@@ -126,8 +126,9 @@ def convert(root: str | os.PathLike, out: str | os.PathLike, link: bool = False,
     return write_layout(out, database, queries, link, source, vertical_axis, extra={"root": str(root)})
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m jaxvpr.data.baidu",
         description="Convert Baidu Mall (IDL_dataset_cvpr17_3852) to the community '@' layout with "
                     "metric coordinates.",
@@ -139,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vertical-axis", choices=list(AXES), default="",
                         help="the vertical world axis, when it cannot be found from the camera centres")
     args = parser.parse_args(argv)
-    try:
-        summary = convert(args.root, args.out, link=args.link, vertical_axis=args.vertical_axis)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = convert(args.root, args.out, link=args.link, vertical_axis=args.vertical_axis)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -15,8 +15,11 @@ be empty.
 
 A folder's image list comes from ``<folder>_images_paths.txt`` beside it when that file exists (one
 path per line, relative to the folder: SF-XL has 41M images and a directory walk would take hours),
-otherwise from a recursive walk, sorted. Geotags are kept as numpy columns, not as one Python object
-per image, so a 41M-image folder fits in memory.
+otherwise from a recursive walk, sorted. Only the first and the last listed files are checked when
+the list is read (a stat per image of SF-XL would take as long as the walk); another missing file
+is an unreadable image when it is decoded (see ``jaxvpr.evaluate`` for what evaluation does with
+one). Geotags are kept as numpy columns, not as one Python object per image, so a 41M-image folder
+fits in memory.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class ImageNameError(DatasetError):
             "'@UTM_east@UTM_north@zone_number@zone_letter@lat@lon@pano_id@tile_num@heading@pitch@roll"
             "@height@timestamp@note@.jpg' (UTM_east and UTM_north required, other fields may be empty)."
         )
+        self.reason = reason
+
+    def __reduce__(self):  # Keeps (path, field, reason) across processes (Grain workers).
+        return (type(self), (self.path, self.field, self.reason))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +190,12 @@ def list_images(folder: str | os.PathLike, use_paths_file: bool = True) -> list[
                 )
         return paths
     paths = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError):
+        raise DatasetError(f"Cannot read the image folder {str(error.filename)!r}: {error.strerror}. "
+                           "Check its permissions (the user running jaxvpr must be able to list it).")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         dirnames.sort()
         rel = os.path.relpath(dirpath, folder)
         for name in filenames:
@@ -227,7 +239,10 @@ def read_image_folder(folder: str | os.PathLike, use_paths_file: bool = True) ->
     """Lists and geotags the images of a folder. Errors name the folder, list file or image."""
     folder = Path(folder)
     paths = list_images(folder, use_paths_file=use_paths_file)
-    utm, heading = parse_geotags(paths)
+    try:
+        utm, heading = parse_geotags(paths)
+    except ImageNameError as e:  # the name is relative to the folder: say which folder
+        raise ImageNameError(os.path.join(str(folder), e.path), e.field, e.reason) from None
     return ImageFolder(root=folder, paths=paths, utm=utm, heading=heading)
 
 

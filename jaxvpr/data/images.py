@@ -5,8 +5,13 @@ benchmark) see them after ``PIL.Image.open(path).convert("RGB")``, an optional
 ``torchvision.transforms.Resize`` on the PIL image, ``ToTensor`` and
 ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` -- except that arrays stay channels-last (H, W, 3).
 
-* :func:`load_image` decodes the whole file (a truncated or corrupt file raises
-  :class:`CorruptImageError` naming it, never a half-grey image).
+* :func:`load_image` decodes the whole file; an unreadable or corrupt file raises
+  :class:`CorruptImageError` naming it. A truncated file (SF-XL holds some truncated JPEGs) is an
+  error too, unless the decode mode ``truncated_images`` is ``"pil"``: then it decodes as PIL does
+  with ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` -- what CosPlace sets, so the recalls compare with
+  its published ones -- the part present in the file, the rest filled by the decoder (grey for a
+  JPEG). The mode is an argument, else the process's ``$JAXVPR_TRUNCATED_IMAGES``
+  (:func:`set_truncated_mode`; Grain's worker processes inherit it), else ``"error"``.
 * :func:`resize` is torchvision's ``Resize`` on a PIL image, i.e. PIL's own bilinear resampling,
   which low-pass filters when shrinking (the "antialias" of torchvision).
 * :func:`normalize` is ``ToTensor`` + ``Normalize`` with the ImageNet statistics, computed in
@@ -17,8 +22,10 @@ EXIF orientation tags are ignored, as in the anchors (``Image.open`` does not ap
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
+import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,7 +52,39 @@ class ShorterSide:
 
 ResizeSpec = None | int | tuple[int, int] | Sequence[int] | ShorterSide
 
-_warned_truncated_flag = False
+TRUNCATED_MODES = ("error", "pil")
+TRUNCATED_ENV = "JAXVPR_TRUNCATED_IMAGES"
+
+
+class _DecodeGate:
+    """PIL reads ``ImageFile.LOAD_TRUNCATED_IMAGES``, a module global, while it decodes. Decodes of
+    one mode run together (threads decode in parallel: PIL releases the GIL); a decode of the other
+    mode waits until they end. The global is set by the first decode in and restored by the last out."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._running = 0
+        self._saved = False
+
+    @contextlib.contextmanager
+    def mode(self, load_truncated: bool):
+        with self._changed:
+            self._changed.wait_for(lambda: not self._running or ImageFile.LOAD_TRUNCATED_IMAGES == load_truncated)
+            if not self._running:
+                self._saved = ImageFile.LOAD_TRUNCATED_IMAGES
+                ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                if not self._running:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = self._saved
+                    self._changed.notify_all()
+
+
+_DECODE_GATE = _DecodeGate()
 
 
 class CorruptImageError(OSError):
@@ -61,36 +100,56 @@ class CorruptImageError(OSError):
         self.reason = str(reason)
         super().__init__(
             f"Corrupt or unreadable image {self.path!r}: {self.reason}. Re-download or remove the "
-            "file (or drop it from the folder's *_images_paths.txt list); evaluation can skip such "
-            "files with skip_corrupt=True, training skips them and logs their paths."
+            "file (or drop it from the folder's *_images_paths.txt list). Evaluation skips unreadable "
+            "database images with --skip-corrupt and counts unreadable queries as misses; "
+            "truncated_images='pil' (--truncated-images pil) decodes a truncated JPEG as CosPlace does."
         )
 
     def __reduce__(self):  # Keeps (path, reason) when raised in a Grain worker process.
         return (type(self), (self.path, self.reason))
 
 
-def load_image(path: str) -> np.ndarray:
+def truncated_mode(mode: str | None = None, field: str = "truncated_images") -> str:
+    """The decode mode of truncated files: ``mode``, else ``$JAXVPR_TRUNCATED_IMAGES``, else "error".
+
+    Raises:
+      ValueError: not one of :data:`TRUNCATED_MODES` (the message names ``field`` or the variable).
+    """
+    chosen = mode or os.environ.get(TRUNCATED_ENV) or "error"
+    if chosen not in TRUNCATED_MODES:
+        where = field if mode else f"${TRUNCATED_ENV}"
+        raise ValueError(
+            f"{where}={chosen!r}: expected 'error' (a truncated image is an error) or 'pil' (decoded as "
+            "PIL with ImageFile.LOAD_TRUNCATED_IMAGES=True does, as CosPlace does).")
+    return chosen
+
+
+def set_truncated_mode(mode: str | None, field: str = "truncated_images") -> str:
+    """Makes ``truncated_mode(mode)`` the decode mode of this process and of the worker processes it
+    starts (through ``$JAXVPR_TRUNCATED_IMAGES``); returns it. Commands call it once, from a flag or
+    a config field (None: keep the variable's, checked)."""
+    os.environ[TRUNCATED_ENV] = truncated_mode(mode, field)
+    return os.environ[TRUNCATED_ENV]
+
+
+def load_image(path: str, truncated: str | None = None) -> np.ndarray:
     """Decodes an image file completely into a uint8 RGB array of shape (H, W, 3).
 
     Grey, palette, CMYK and RGBA images are converted with ``PIL.Image.convert("RGB")`` (alpha is
-    dropped), exactly as the PyTorch anchors open their images.
+    dropped), exactly as the PyTorch anchors open their images. ``truncated`` ("error" or "pil",
+    default :func:`truncated_mode`) says what a truncated file gives (see the module docstring).
 
     Raises:
-      CorruptImageError: the file is missing, not an image, truncated or otherwise undecodable.
+      CorruptImageError: the file is missing, empty, not an image, otherwise undecodable, or
+        truncated in mode "error".
     """
-    global _warned_truncated_flag
-    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
-        _warned_truncated_flag = True
-        logging.warning(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by another library): truncated image "
-            "files will decode with grey padding instead of raising CorruptImageError."
-        )
-    try:
-        with Image.open(path) as img:
-            img.load()  # Forces the full decode: truncated data raises here.
-            rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
+    with _DECODE_GATE.mode(truncated_mode(truncated) == "pil"):
+        try:
+            with Image.open(path) as img:
+                img.load()  # Forces the full decode: truncated data raises here (mode "error").
+                rgb = img.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
     return np.asarray(rgb, dtype=np.uint8)
 
 

@@ -46,7 +46,6 @@ package (extra ``indoor``) is imported only by ``read_kapture_split``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -58,6 +57,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from jaxvpr import cli
 from jaxvpr.data.format import FIELDS, DatasetError
 
 AXES = "xyz"
@@ -437,8 +437,9 @@ def convert(mapping: str | os.PathLike, validation: str | os.PathLike, out: str 
                         extra={"database_from": str(mapping), "queries_from": str(validation)})
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m jaxvpr.data.kapture",
         description="Convert a NAVER LABS kapture scene (mapping → database, validation → queries) to "
                     "the community '@' layout with metric coordinates.",
@@ -459,11 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         validation = validation or os.path.join(args.scene_root, "validation")
     if not (mapping and validation):
         parser.error("give --scene-root, or both --mapping and --validation")
-    try:
-        summary = convert(mapping, validation, args.out, link=args.link, vertical_axis=args.vertical_axis)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = convert(mapping, validation, args.out, link=args.link, vertical_axis=args.vertical_axis)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -30,7 +30,9 @@ through shared memory.
 unless ``skip_corrupt=True`` (the row is marked invalid, the path counted and logged). Training
 never stops for one: the sampler offers a deterministic replacement (another image of the same
 class, or the next uniform draw), the path is logged with ``logging.warning`` once and kept in
-``TrainIterator.skipped_paths``.
+``TrainIterator.skipped_paths``. A truncated file is corrupt unless the decode mode ``truncated``
+is "pil" (:func:`~jaxvpr.data.images.load_image`); a pipeline fixes the mode when it is built (the
+argument, else the process's) and its workers decode with it.
 
 Samplers
 --------
@@ -57,7 +59,7 @@ import numpy as np
 from absl import flags
 
 from jaxvpr.data.images import (CorruptImageError, ResizeSpec, ShorterSide, image_size, load_image, normalize,
-                                output_size)
+                                output_size, truncated_mode)
 from jaxvpr.data.images import resize as resize_image
 
 logger = logging.getLogger(__name__)
@@ -245,8 +247,9 @@ class SequenceSampler:
 class _TrainBatchBuilder:
     """step -> this process's rows of global batch ``step`` (a pure function; runs in workers)."""
 
-    def __init__(self, paths, sampler, batch_size, augment_fn, seed, process_index, process_count):
+    def __init__(self, paths, sampler, batch_size, augment_fn, seed, process_index, process_count, truncated=None):
         self.paths = paths
+        self.truncated = truncated_mode(truncated)
         self.sampler = sampler
         self.batch_size = batch_size
         self.local_batch_size = batch_size // process_count
@@ -269,7 +272,7 @@ class _TrainBatchBuilder:
                 skipped.append(index)
                 continue
             try:
-                image = load_image(self.paths[index])
+                image = load_image(self.paths[index], self.truncated)
             except CorruptImageError:
                 self._corrupt.add(index)
                 skipped.append(index)
@@ -420,6 +423,7 @@ def train_batches(
     process_count: int = 1,
     num_workers: int = 0,
     num_steps: int | None = None,
+    truncated: str | None = None,
 ) -> TrainIterator:
     """Training batches of this process, a pure function of (seed, global step).
 
@@ -437,6 +441,8 @@ def train_batches(
         ``jax.process_count()``).
       num_workers: Grain worker processes (0 = in this process with one prefetch thread).
       num_steps: stop before this global step (None = infinite).
+      truncated: decode mode of truncated files, "error" (replaced like a corrupt file) or "pil";
+        None: the process's (:func:`~jaxvpr.data.images.truncated_mode`).
 
     Returns:
       A :class:`TrainIterator` of ``{"image": float32 (B/P, H, W, 3), "label": int32 (B/P,),
@@ -452,7 +458,7 @@ def train_batches(
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     if start_step < 0 or num_workers < 0:
         raise ValueError(f"start_step ({start_step}) and num_workers ({num_workers}) must be >= 0.")
-    builder = _TrainBatchBuilder(paths, sampler, batch_size, augment_fn, seed, process_index, process_count)
+    builder = _TrainBatchBuilder(paths, sampler, batch_size, augment_fn, seed, process_index, process_count, truncated)
     return TrainIterator(builder, start_step, num_steps, num_workers)
 
 
@@ -472,19 +478,20 @@ class _EvalBatchBuilder:
     replaces the resize and the normalisation.
     """
 
-    def __init__(self, paths, batch_size, resize, skip_corrupt, transform=None):
+    def __init__(self, paths, batch_size, resize, skip_corrupt, transform=None, truncated=None):
         self.paths = paths
         self.batch_size = batch_size
         self.resize = resize
         self.skip_corrupt = skip_corrupt
         self.transform = transform
+        self.truncated = truncated_mode(truncated)
 
     def __call__(self, b: int) -> dict[str, np.ndarray]:
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.paths))
         images: list[np.ndarray | None] = []
         for i in range(lo, hi):
             try:
-                image = load_image(self.paths[i])
+                image = load_image(self.paths[i], self.truncated)
             except CorruptImageError:
                 if not self.skip_corrupt:
                     raise
@@ -581,6 +588,7 @@ def eval_batches(
     num_workers: int = 0,
     skip_corrupt: bool = False,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    truncated: str | None = None,
 ) -> EvalIterator:
     """Evaluation batches of ``paths`` in order, the last one padded to ``batch_size``.
 
@@ -591,7 +599,8 @@ def eval_batches(
     A ``transform`` (picklable: it runs in the workers) replaces the resize and the normalisation:
     it maps the decoded uint8 (H, W, 3) image to a normalised float32 (h, w, 3) image or to V views
     (V, h, w, 3) of one size, e.g. a test-time method's crops (:mod:`jaxvpr.testtime`); ``image``
-    is then (B, h, w, 3) or (B, V, h, w, 3).
+    is then (B, h, w, 3) or (B, V, h, w, 3). ``truncated`` is the decode mode of truncated files
+    ("error" or "pil"; None: the process's, :func:`~jaxvpr.data.images.truncated_mode`).
 
     Raises (while iterating):
       CorruptImageError: an unreadable image (unless ``skip_corrupt``), naming the file.
@@ -599,7 +608,7 @@ def eval_batches(
         ``batch_size=1``, a fixed ``resize=(H, W)``, or :func:`eval_batches_by_size`.
     """
     _check_eval_args(paths, batch_size, num_workers)
-    builder = _EvalBatchBuilder(paths, batch_size, resize, skip_corrupt, transform)
+    builder = _EvalBatchBuilder(paths, batch_size, resize, skip_corrupt, transform, truncated)
     return EvalIterator([(builder, np.arange(len(paths)))], num_workers)
 
 
@@ -623,6 +632,7 @@ def eval_batches_by_size(
     num_workers: int = 0,
     skip_corrupt: bool = False,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    truncated: str | None = None,
 ) -> EvalIterator:
     """Like :func:`eval_batches` for images of differing sizes (e.g. queries at native resolution).
 
@@ -634,11 +644,11 @@ def eval_batches_by_size(
     """
     _check_eval_args(paths, batch_size, num_workers)
     if transform is not None or (resize is not None and not isinstance(resize, (int, np.integer, ShorterSide))):
-        return eval_batches(paths, batch_size, resize, num_workers, skip_corrupt, transform)  # One size.
+        return eval_batches(paths, batch_size, resize, num_workers, skip_corrupt, transform, truncated)  # One size.
     segments = []
     for indices in group_by_size(paths, resize).values():
         sub_paths = [paths[i] for i in indices]
         # A size group smaller than the batch is batched at its own size (one image is not padded to 32).
-        segments.append((_EvalBatchBuilder(sub_paths, min(batch_size, len(sub_paths)), resize, skip_corrupt),
-                         indices))
+        segments.append((_EvalBatchBuilder(sub_paths, min(batch_size, len(sub_paths)), resize, skip_corrupt,
+                                           truncated=truncated), indices))
     return EvalIterator(segments, num_workers)

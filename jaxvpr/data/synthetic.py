@@ -52,7 +52,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -70,6 +69,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from jaxvpr import cli
 from jaxvpr.data import utm
 from jaxvpr.data.render import CAR, FACADE, PERSON, POLE, Boxes, Camera, City, Style, make_style, render_view
 
@@ -652,7 +652,8 @@ def atomic_output_dir(out_dir, overwrite: bool = False):
     """
     out = pathlib.Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: remove it, choose another --out, or pass overwrite=True")
+        raise FileExistsError(f"{out} exists and is not empty: remove it, choose another --out, or pass "
+                              "--overwrite (overwrite=True)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -856,8 +857,9 @@ def ensure_city(preset: str = "small", seed: int = 0, cache_dir=None, resolution
     return final
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.data.synthetic", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output dataset root (must not exist or be empty)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)

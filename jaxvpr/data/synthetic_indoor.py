@@ -58,7 +58,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -73,6 +72,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
+from jaxvpr import cli
 from jaxvpr.data.positives import PositiveFinder
 from jaxvpr.data.render import FACADE, POLE, Boxes, Camera, City, Style, render_view
 from jaxvpr.data.synthetic import (
@@ -693,9 +693,10 @@ def ensure_indoor(preset: str = "indoor_small", seed: int = 0, cache_dir=None, r
     return final
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxvpr.data.synthetic_indoor",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m jaxvpr.data.synthetic_indoor",
+                                description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--preset", default="indoor_tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
