@@ -17,8 +17,11 @@ Starting point: no Places365 weights can be downloaded here, so the ResNet-18 is
 model trained by jaxvpr on the same city (``config:demo_baseline``, ~4 min once, cached) and the CAM's
 scene classifier is fitted here (16 classes: k-means regions of the training gallery). Differences from
 the paper for the 2-core budget, each a field below: DDDA with 16 base channels (paper 64) at the
-city's 128 px (crops 128 of 144), 5 epochs of 50 steps per phase; phase 2 with Adam 1e-4 (paper 1e-5) for 3 epochs of
-200 queries, hard negatives mined among 1,000 sampled gallery images (AdAGeo: the whole gallery).
+city's 128 px (crops 128 of 144), 5 epochs of 50 steps per phase; phase 2 with Adam 1e-4 (paper 1e-5) for 2 epochs of
+200 queries, hard negatives mined among 1,000 sampled gallery images (AdAGeo: the whole gallery), hard
+positives within 10 m and 30 deg of heading (AdAGeo: 10 m; the city's gallery has ~180 images of every
+heading within 10 m of a query, which made mining describe all of it each epoch). Measured (README):
+night R@1 AdAGeo 12.8 +- 2.0 over seeds 0-2 against NetVLAD's 8.3 +- 0.9; ~15 minutes with the CosPlace model cached.
 """
 
 from jaxvpr.train.config import adageo_config
