@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from ml_collections import ConfigDict
 
 FORMAT = "jaxvpr"
@@ -160,27 +161,54 @@ def check_tree_matches(expected, actual, where: str) -> None:
 
 
 class TrainCheckpointer:
-    """Checkpoints of a training run: ``<workdir>/checkpoints`` (the last ``keep``) and ``<workdir>/best``.
+    """Checkpoints of a training run: ``<workdir>/checkpoints`` (the last ``keep``), ``<workdir>/best``
+    and ``<workdir>/host_parts``.
 
-    Every step folder holds ``model`` (params + batch stats, so ``load_model(workdir)`` works),
-    ``train`` (every other field of the recipe's train state: step, optimizer states, the GRL
-    discriminator, ...), ``host`` (the recipe's host-side numpy state: CosPlace's per-group
-    classifiers and their Adam states, the triplet recipe's mining cache) and ``meta`` (model config,
-    run config, progress: epoch, iteration within the epoch -- the data iterators' position --, best
-    recall). Orbax writes each step to a temporary folder and renames it when complete: a run killed
-    at any moment leaves only whole steps.
+    Every step folder of ``checkpoints`` holds ``model`` (params + batch stats, so ``load_model(workdir)``
+    works), ``train`` (every other field of the recipe's train state: step, optimizer states, the GRL
+    discriminator, ...), ``host`` (the recipe's small host-side numpy state, e.g. the triplet recipe's
+    mining cache) and ``meta`` (model config, run config, progress: epoch, iteration within the epoch --
+    the data iterators' position --, the epoch's metric sums, best recall).
+
+    Large host state that changes rarely (CosPlace's per-group classifiers with their Adam moments:
+    3 x classes x D x 4 bytes, ~34 GB for SF-XL at D=512) goes in *parts*:
+    ``host_parts/<name>/<version>``, written only when its version (the step it last changed at) is
+    new; ``meta`` names the version of every part the step needs. A checkpoint is so
+    ``checkpoints/<step>`` plus ``host_parts/``: copy both to move it.
+
+    Saves are asynchronous (Orbax): ``save`` returns once the arrays are copied to host memory, and
+    the files are written while training goes on; the next save, :meth:`wait` and :meth:`close`
+    wait for it. Orbax writes each step to a temporary folder and renames it when complete, so a run
+    killed at any moment leaves only whole steps; a step whose parts were not all complete is skipped
+    on restore (the one before it is used). A failed write (a full disk) is a :class:`CheckpointError`
+    naming the step and the last complete one, raised by the next save, wait or close.
     """
 
     ITEMS = ("model", "train", "host", "meta")
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 2):
-        workdir = Path(workdir).absolute()
-        self.manager = ocp.CheckpointManager(
-            workdir / "checkpoints", item_names=self.ITEMS,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-        self.best = ocp.CheckpointManager(
-            workdir / "best", item_names=("model", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        self.workdir = Path(workdir).absolute()
+        # keep >= 2: the latest step may refer to a part still being written when the process dies;
+        # the step before it is then the one restored.
+        self.keep = max(int(keep), 2)
+        self.manager = self._manager("checkpoints", self.ITEMS, self.keep)
+        self.best = self._manager("best", ("model", "meta"), 1)
+        self.parts: dict[str, ocp.CheckpointManager] = {}  # name -> its versions (created on first use)
+        self.writing: int | None = None  # the step whose asynchronous write may still run
+        self.restored_parts: dict[str, int] = {}  # name -> version, of the restored step
+
+    def _manager(self, folder: str, items: tuple[str, ...], keep: int) -> ocp.CheckpointManager:
+        # cleanup_tmp_directories: the half-written step of a killed run goes when the next one starts
+        # (the workdir lock guarantees that no other run is writing it).
+        return ocp.CheckpointManager(self.workdir / folder, item_names=items, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+
+    def _part(self, name: str) -> ocp.CheckpointManager:
+        if name not in self.parts:
+            # keep + 1 versions: every kept step finds the version it names (a version is written
+            # only with a step, so the kept steps name at most keep of them, plus one in flight).
+            self.parts[name] = self._manager(f"host_parts/{name}", ("part",), self.keep + 1)
+        return self.parts[name]
 
     @staticmethod
     def _split(state) -> tuple[dict, dict]:
@@ -194,32 +222,70 @@ class TrainCheckpointer:
         train = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in skip}
         return model, train
 
-    def save(self, state, host: dict, progress: dict, model_cfg, config, is_best: bool = False) -> None:
+    def _failed(self, error: BaseException) -> CheckpointError:
+        step = self.writing
+        latest = [s for s in self.manager.all_steps() if s != step]
+        where = f"step {step} to {self.workdir}" if step is not None else f"to {self.workdir}"
+        return CheckpointError(
+            f"Writing checkpoint {where} failed: {error}. Training stopped. The complete checkpoints are intact "
+            f"(latest: {'step ' + str(max(latest)) if latest else 'none'}, in {self.manager.directory}). Free "
+            "space on that disk (or resume a copy of the workdir on another one) and run the same command: "
+            "the run resumes from the latest complete checkpoint.")
+
+    def save(self, state, host: dict, progress: dict, model_cfg, config, is_best: bool = False,
+             parts: dict[str, tuple[int, Any]] | None = None) -> None:
+        """Starts writing step ``state.step`` (returns once the arrays are on the host, see the class doc).
+
+        ``parts``: ``{name: (version, tree)}``; a part is written when that version is not on disk yet.
+        """
         step = int(state.step)
         model, train = self._split(state)
+        parts = parts or {}
         meta = {"format": FORMAT, "model": _as_dict(model_cfg), "progress": dict(progress),
-                "config": json.loads(config.to_json_best_effort())}
+                "config": json.loads(config.to_json_best_effort()),
+                "parts": {name: int(version) for name, (version, _) in parts.items()}}
         host = {"_": np.zeros((), np.int32), **jax.tree.map(np.asarray, host)}  # never an empty tree
-        if is_best and step not in self.best.all_steps():
-            self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
-                                                         meta=ocp.args.JsonSave(meta)))
-            self.best.wait_until_finished()
-        if step not in self.manager.all_steps():
-            self.manager.save(step, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
-                host=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
-            self.manager.wait_until_finished()
+        self.wait()  # the previous save (Orbax would wait too): its failure is reported as its own
+        self.writing = step
+        try:
+            for name, (version, tree) in parts.items():
+                manager = self._part(name)
+                if int(version) not in manager.all_steps():
+                    manager.save(int(version), args=ocp.args.Composite(part=ocp.args.StandardSave(tree)))
+            if is_best and step not in self.best.all_steps():
+                self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                                             meta=ocp.args.JsonSave(meta)))
+            if step not in self.manager.all_steps():
+                self.manager.save(step, args=ocp.args.Composite(
+                    model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
+                    host=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
+        except Exception as e:
+            raise self._failed(e) from e
 
-    def restore_latest(self, state, shardings=None, host_template: dict | None = None):
-        """``(state, host, progress)`` from the latest step, or None when there is none.
+    def wait(self) -> None:
+        """Waits until every started save is on disk (raises CheckpointError if one failed)."""
+        try:
+            for manager in (*self.parts.values(), self.best, self.manager):
+                manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from e
+        self.writing = None
+
+    def restore_latest(self, state, shardings=None, host_template: dict | None = None,
+                       part_templates: dict[str, Any] | None = None):
+        """``(state, host, progress)`` from the latest complete step, or None when there is none.
 
         ``shardings`` (a tree like ``state``, e.g. ``parallel.state_shardings``) says where each array
         goes: Orbax reads each device's part directly, so a run saved on one topology (process and
         device count) resumes on another. The host state comes back as numpy arrays: in the structure
         and shapes of ``host_template`` when given (e.g. optimizer states, whose tuples a restore
-        from metadata alone would turn into lists), else as saved.
+        from metadata alone would turn into lists), else as saved; with the parts the step names
+        added under their names (restored in the structure of ``part_templates[name]``).
+
+        Steps after the restored one (and part versions newer than it) are deleted: they are what a
+        killed run left unfinished, and the resumed run writes them again.
         """
-        step = self.manager.latest_step()
+        step = self._latest_usable_step()
         if step is None:
             return None
         if shardings is None:
@@ -240,21 +306,63 @@ class TrainCheckpointer:
                 template = {"_": np.zeros((), np.int32), **jax.tree.map(np.asarray, host_template)}
                 host = self.manager.restore(step, args=ocp.args.Composite(
                     host=ocp.args.StandardRestore(template)))["host"]
+            host = jax.tree.map(np.asarray, host)
+            host.pop("_", None)
+            self.restored_parts = dict(r["meta"].get("parts", {}))
+            for name, version in self.restored_parts.items():
+                template = (part_templates or {}).get(name)
+                args = ocp.args.StandardRestore(None if template is None else jax.tree.map(np.asarray, template))
+                part = self._part(name).restore(version, args=ocp.args.Composite(part=args))["part"]
+                host[name] = jax.tree.map(np.asarray, part)
         except Exception as e:  # a checkpoint of another run or model: say where, keep it intact
             raise CheckpointError(
                 f"Cannot resume from {self.manager.directory}/{step}: {e}\nIt was written by a different model or "
                 "setting; use another --workdir (nothing was changed in this one).") from e
+        self._drop_after(step)
         state = state.replace(params=r["model"]["params"], batch_stats=r["model"]["batch_stats"], **r["train"])
-        host = jax.tree.map(np.asarray, host)
-        host.pop("_", None)
         return state, host, r["meta"]["progress"]
 
+    def _latest_usable_step(self) -> int | None:
+        """The latest step whose parts are all on disk (a killed run may have left the newest without)."""
+        for step in reversed(self.manager.all_steps()):
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            absent = sorted(n for n in meta.get("parts", {}) if not (self.workdir / "host_parts" / n).is_dir())
+            if absent:  # not a killed write: a copy of checkpoints/ alone
+                raise CheckpointError(
+                    f"Checkpoint {self.manager.directory}/{step} needs its host parts {absent} from "
+                    f"{self.workdir / 'host_parts'}, which is missing. A checkpoint is checkpoints/<step> plus "
+                    "host_parts/ (classifiers saved only when they change): copy both.")
+            missing = {n: v for n, v in meta.get("parts", {}).items() if v not in self._part(n).all_steps()}
+            if not missing:
+                return step
+            logging.warning("checkpoint step %d names host parts that were never completed (%s); using an earlier "
+                            "step", step, missing)
+        return None
+
+    def _drop_after(self, step: int) -> None:
+        for manager in (self.manager, *self.parts.values()):
+            for later in [s for s in manager.all_steps() if s > step]:
+                manager.delete(later)
+
     def load_best_variables(self, model_cfg):
+        self.wait()  # the best model may still be being written
         step = self.best.latest_step()
         if step is None:
             return None
         return _restore_local(self.best, step, "model", self.best.directory)
 
-    def close(self) -> None:
-        self.manager.close()
-        self.best.close()
+    def close(self, failed: bool = False) -> None:
+        """Finishes the writes in flight and closes. ``failed``: the run is stopping on an error already;
+        a write error is then logged, not raised (it would hide the first)."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            if not failed:
+                raise
+            logging.error("%s", e)
+        finally:
+            for manager in (*self.parts.values(), self.best, self.manager):
+                try:
+                    manager.close()
+                except Exception as e:  # already reported by wait()
+                    logging.error("closing %s: %s", manager.directory, e)

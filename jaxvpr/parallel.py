@@ -178,9 +178,9 @@ def param_sharding(shape: tuple[int, ...], mesh: Mesh, shard_params: bool, min_s
     return replicated(mesh)
 
 
-def state_shardings(tree, mesh: Mesh, shard_params: bool = False):
+def state_shardings(tree, mesh: Mesh, shard_params: bool = False, min_size: int = 2**18):
     """A sharding for every array leaf of a train state (parameters and their optimizer moments alike)."""
-    return jax.tree.map(lambda x: param_sharding(tuple(np.shape(x)), mesh, shard_params), tree)
+    return jax.tree.map(lambda x: param_sharding(tuple(np.shape(x)), mesh, shard_params, min_size), tree)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

@@ -22,3 +22,11 @@ def tiny_indoor(tmp_path_factory):
 
     cache = os.environ.get("JAXVPR_CACHE") or tmp_path_factory.mktemp("jaxvpr_cache")
     return synthetic_indoor.ensure_indoor("indoor_tiny", seed=0, cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """Random 48 px images in the community layout, for wiring tests of the trainers (helpers.write_tiny_dataset)."""
+    from helpers import write_tiny_dataset
+
+    return write_tiny_dataset(tmp_path_factory.mktemp("tinydata"))

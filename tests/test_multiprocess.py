@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_same_training
+from helpers import assert_same_training, final_params
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -63,17 +63,6 @@ DEMO_OVERRIDES = [
 ]
 
 
-def _params(workdir):
-    """The latest checkpoint's model (saved on 4 devices; loads on this test's one device)."""
-    import jax
-
-    from jaxvpr.checkpoint import load_model, read_meta
-
-    _, _, step = read_meta(Path(workdir) / "checkpoints", "latest")
-    _, variables = load_model(Path(workdir) / "checkpoints", "latest")
-    return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, tiny_city):
     cache = str(Path(tiny_city).parent)  # the session's synthetic-city cache
@@ -90,8 +79,8 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     assert "2 processes, 2 local / 4 global cpu devices" in r.stdout
     assert r.stdout.count("epoch 2/2") == 1, "only process 0 prints"
 
-    step_1, a = _params(one)
-    step_2, b = _params(two)
+    step_1, a = final_params(one)
+    step_2, b = final_params(two)
     assert step_1 == step_2 == 4
     assert_same_training(a, b)
     # Same training curve and the same test recalls, written once by process 0.
@@ -110,11 +99,12 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     three = tmp_path / "three"
     (three / "checkpoints").mkdir(parents=True)
     shutil.copytree(two / "checkpoints" / "2", three / "checkpoints" / "2")
+    shutil.copytree(two / "host_parts", three / "host_parts")  # the classifiers (each saved when it changed)
     r = subprocess.run([sys.executable, "-m", "jaxvpr.main", *DEMO_OVERRIDES, "--workdir", str(three)],
                        env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming" in r.stdout
-    step_3, c = _params(three)
+    step_3, c = final_params(three)
     assert step_3 == 4
     assert_same_training(a, c)
 
@@ -163,8 +153,8 @@ def test_two_processes_mine_and_train_triplets_like_one(tmp_path, tiny_indoor):
                        env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch 2/2") == 1, "only process 0 prints"
-    step_1, _ = _params(one)
-    step_2, _ = _params(two)
+    step_1, _ = final_params(one)
+    step_2, _ = final_params(two)
     assert step_1 == step_2 == 8
     epochs = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()
                         if json.loads(l)["kind"] == "epoch"]

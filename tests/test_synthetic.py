@@ -340,7 +340,8 @@ def test_ensure_city_reuses_the_cache_and_generate_refuses_to_overwrite(city_roo
     again = synthetic.ensure_city("tiny", seed=0, cache_dir=city_root.parent)
     assert again == city_root and (city_root / "city.json").stat().st_mtime_ns == stamp
     assert city_root.name == synthetic.city_dirname("tiny", 0, 128) and f"v{synthetic.VERSION}" in city_root.name
-    assert not [p for p in city_root.parent.iterdir() if ".tmp-" in p.name]  # no half-written folder left
+    # no half-written folder of this city left (other workers may be building other cities beside it)
+    assert not list(city_root.parent.glob(f".{city_root.name}.tmp-*"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):

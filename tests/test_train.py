@@ -1,4 +1,6 @@
-"""The CosPlace + GRL trainer: 1 vs 8 devices, exact resume after SIGKILL, NaN stop, configs and CLI.
+"""The CosPlace + GRL trainer: 1 vs 8 devices, FSDP over groups of different sizes, NaN stop, configs and CLI.
+
+Exact resume after SIGKILLs, a full disk and a second run on the workdir: tests/test_faults.py.
 
 Wiring tests: a small network (ResNet-18 cropped after layer3 + GeM, 64-d), 48x48 images from a
 small random dataset in the community layout, a few steps.
@@ -6,19 +8,15 @@ small random dataset in the community layout, a few steps.
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import final_params
+from helpers import assert_same_training, final_params, tiny_cosplace_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,62 +52,40 @@ def test_eight_devices_match_one_device(tmp_path):
         assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(a)) + 1e-7, key
 
 
-# ----------------------------------------------------------------------------- a tiny dataset
-def _write_images(folder, n, rng, spread, size=48):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        e, nn, h = 500000 + rng.uniform(0, spread), 4000000 + rng.uniform(0, spread), rng.uniform(0, 360)
-        img = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"@{e:.2f}@{nn:.2f}@10@S@@@p{i}@@{h:.1f}@@@@@@.jpg")
+def _fsdp_groups(tiny_root, workdir, devices):
+    out = workdir.with_suffix(".json")
+    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    r = subprocess.run([sys.executable, str(REPO / "tests/scripts/fsdp_groups.py"), str(tiny_root), str(workdir),
+                        str(out)], env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinydata")
-    rng = np.random.default_rng(0)
-    _write_images(root / "images/train/database", 300, rng, spread=100)
-    for split in ("val", "test"):
-        _write_images(root / f"images/{split}/database", 24, rng, spread=60)
-        _write_images(root / f"images/{split}/queries", 8, rng, spread=60)
-    _write_images(root / "images/target/night", 16, rng, spread=60)
-    return root
+@pytest.mark.slow
+def test_fsdp_trains_groups_of_different_class_counts_with_one_compilation(tmp_path, tiny_root):
+    """CosPlace under FSDP (``mesh.shard_params``) over two groups whose class counts differ and do not
+    divide by the 8 devices: every group's classifier is padded to one shape, split over the devices
+    the same way, the step compiles once, and training matches one device."""
+    eight = _fsdp_groups(tiny_root, tmp_path / "eight", 8)
+    assert eight["devices"] == 8
+    groups = eight["groups"]
+    assert len(set(groups)) == 2 and all(n % 8 for n in groups), groups  # the case under test
+    assert eight["rows"] == 8 * -(-max(groups) // 8)
+    assert eight["traces"] == 1
+    assert len(eight["classifier_specs"]) >= 3 and len(set(eight["classifier_specs"])) == 1
+    assert "fsdp" in eight["classifier_specs"][0], eight["classifier_specs"]  # split, not replicated
+    one = _fsdp_groups(tiny_root, tmp_path / "one", 1)
+    assert one["traces"] == 1 and one["groups"] == groups
+    step_a, a = final_params(tmp_path / "one")
+    step_b, b = final_params(tmp_path / "eight")
+    assert step_a == step_b == 4
+    assert_same_training(a, b, steps=4, lr=1e-4, min_close=0.9)
+    losses = lambda w: [r["loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                        if r["kind"] == "train"]
+    np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "eight"), rtol=1e-4)
 
 
-CONFIG_TEMPLATE = """
-from jaxvpr.train.config import cosplace_config
-
-def get_config():
-    c = cosplace_config()
-    c.data.root = {root!r}
-    c.data.image_size = 48
-    c.data.num_workers = 0
-    c.data.target_folder = "images/target/night"
-    c.model.backbone = "resnet18conv4"
-    c.model.head = "gem"
-    c.model.fc_output_dim = 64
-    c.model.train_all_layers = True
-    c.train.epochs = 2
-    c.train.iterations_per_epoch = 4
-    c.train.batch_size = 4
-    c.train.lr = 1e-3
-    c.train.groups_num = 2
-    c.train.min_images_per_class = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
-    c.grl.enabled = True
-    c.grl.target_batch_size = 4
-    c.grl.source_to_discriminator = 4
-    c.eval.batch_size = 8
-    return c
-"""
-
-
-def _config_file(tmp_path, root):
-    path = tmp_path / "tiny_config.py"
-    path.write_text(CONFIG_TEMPLATE.format(root=str(root)))
-    return path
-
-
+# ----------------------------------------------------------------------------- the tiny run (tiny_root: conftest)
 def _load_config(path):
     import importlib.util
 
@@ -120,56 +96,10 @@ def _load_config(path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_parameters(tmp_path, tiny_root):
-    from jaxvpr.train.cosplace import train
-    from jaxvpr.models.grl import grl_coefficient
-
-    config_path = _config_file(tmp_path, tiny_root)
-    config = _load_config(config_path)
-
-    # Uninterrupted run, in this process.
-    straight = tmp_path / "straight"
-    results = train(config, straight)
-    assert set(results["test"]) == {"queries"} and (straight / "results.json").exists()
-    assert (straight / "training.png").exists() and list((straight / "tensorboard").iterdir())
-    records = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [r["grl_coeff"] for r in epochs] == pytest.approx([0.0, grl_coefficient(1, 2, 10.0)])
-    assert {"cosface_loss", "domain_loss", "disc_accuracy", "val/R@1", "images_per_s"} <= set(epochs[0])
-    train_rows = [r for r in records if r["kind"] == "train"]
-    assert {"lr", "classifiers_lr", "grl_lr", "grl_coeff", "images_per_s"} <= set(train_rows[0])
-
-    # The same run in a subprocess, killed with SIGKILL at a random moment after its first checkpoint.
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxvpr.main", "--config", str(config_path),
-                             "--workdir", str(killed)], env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoints").is_dir() and any(p.name.isdigit() for p in (killed / "checkpoints").iterdir()):
-            break
-        time.sleep(0.2)
-    time.sleep(random.Random().uniform(0.0, 3.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps_at_kill = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps_at_kill, "the killed run wrote no checkpoint"
-
-    # Resume (default behaviour for an existing workdir) and finish.
-    train(config, killed)
-    step_a, a = final_params(straight)
-    step_b, b = final_params(killed)
-    assert step_a == step_b == 8
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
-
-
-@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path, tiny_root):
     from jaxvpr.train.cosplace import NonFiniteLossError, train
 
-    config = _load_config(_config_file(tmp_path, tiny_root))
+    config = tiny_cosplace_config(tiny_root)
     config.train.classifiers_lr = 1e30
     config.train.lr = 1e30
     config.train.checkpoint_every = 1
@@ -222,7 +152,7 @@ def test_unknown_config_field_is_an_error(tmp_path):
 def test_frozen_random_stages_are_an_error_naming_them_and_the_fix(tmp_path, tiny_root):
     from jaxvpr.train.cosplace import train
 
-    config = _load_config(_config_file(tmp_path, tiny_root))
+    config = tiny_cosplace_config(tiny_root)
     config.model.train_all_layers = False  # resnet18conv4 default: only layer3 trains, the rest random
     with pytest.raises(ValueError, match=r"frozen(.|\n)*init_checkpoint(.|\n)*train_all_layers") as info:
         train(config, tmp_path / "w")

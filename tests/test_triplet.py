@@ -171,7 +171,7 @@ def test_triplet_step_in_bf16_keeps_fp32_state_and_follows_the_fp32_loss(one_dev
 # ----------------------------------------------------------------------------- the recipe
 def resume_config(root):
     """The resume test's run: 2 epochs of 2 cache refreshes of 3 steps, a checkpoint every 2 steps
-    (``tests/scripts/triplet_killed.py`` runs it too)."""
+    (``tests/scripts/faulty_run.py`` runs it too)."""
     c = _config(root, epochs=2, queries_per_epoch="24", cache_refresh_rate=12, checkpoint_every=2, log_every=1)
     c.model.name = ""
     c.model.backbone, c.model.head, c.model.fc_output_dim = "resnet18conv4", "gem", 64
@@ -193,9 +193,9 @@ def test_resume_after_sigkill_mid_refresh_restores_the_mined_triplets_and_gives_
     # with its triplets, not be mined again with the changed model.
     killed = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, str(REPO / "tests/scripts/triplet_killed.py"), str(tiny_indoor),
-                        str(killed), "5"], env=dict(env, JAX_PLATFORMS="cpu"), cwd=REPO, timeout=600,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "tests/scripts/faulty_run.py"), "test_triplet:resume_config",
+                        str(tiny_indoor), str(killed), "kill-at-step", "5"], env=dict(env, JAX_PLATFORMS="cpu"),
+                       cwd=REPO, timeout=600, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-3000:]
     from jaxvpr.checkpoint import read_meta
 

@@ -36,6 +36,7 @@ def cosplace_config() -> ConfigDict:
     c.data.eval_resize = ""            # evaluation resize: "" native, "N" shorter side, "H,W"
     c.data.positive_dist_threshold = 25.0  # metres
     c.data.num_workers = 2
+    c.data.truncated_images = "error"  # "pil": a truncated JPEG decodes as PIL with LOAD_TRUNCATED_IMAGES (CosPlace)
     c.data.cache_dir = ""              # CosPlace groups cache; default <workdir>/cache
 
     c.model = ConfigDict()
@@ -69,7 +70,10 @@ def cosplace_config() -> ConfigDict:
     c.train.random_resized_crop = 0.5  # crop scale in (1 - x, 1)
     c.train.mixed_precision = False    # bf16 compute, fp32 parameters and optimizer states
     c.train.checkpoint_every = 1000    # steps; also at every epoch end
-    c.train.keep_checkpoints = 2       # the last k, besides the best
+    c.train.keep_checkpoints = 2       # the last k (at least 2), besides the best
+    # Bit-exact resume on GPU: the step compiled with deterministic ops and no autotuning (slower;
+    # CPU is deterministic anyway). See jaxvpr/train/loop.py DETERMINISTIC_XLA_FLAGS.
+    c.train.deterministic = False
     c.train.log_every = 50
     c.train.eval_before_training = False  # evaluate data.monitor before the first step
     c.train.eval_random_init = False   # ... and the randomly initialised network too (demo)
@@ -110,6 +114,7 @@ def cosplace_config() -> ConfigDict:
     c.mesh.data = -1                   # -1: all devices
     c.mesh.fsdp = 1
     c.mesh.shard_params = False        # FSDP-style: large parameters split over the batch axes
+    c.mesh.shard_min_size = 2**18      # ... those of at least this many elements
     return c
 
 
@@ -143,6 +148,7 @@ def triplet_config() -> ConfigDict:
     c.data.eval_resize = "360"         # cache, validation and test: "" native, "N" shorter side, "H,W"
     c.data.image_size = 360            # random-init trace size (and the demo's random-init row)
     c.data.num_workers = 2
+    c.data.truncated_images = "error"  # "pil": a truncated JPEG decodes as PIL with LOAD_TRUNCATED_IMAGES (CosPlace)
 
     c.model = ConfigDict()
     c.model.name = "eigenplaces_resnet50_2048"
@@ -175,6 +181,7 @@ def triplet_config() -> ConfigDict:
     c.train.mixed_precision = False
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
+    c.train.deterministic = False      # GPU: bit-exact resume (deterministic ops, no autotuning)
     c.train.log_every = 50
     c.train.eval_before_training = False
     c.train.eval_random_init = False
@@ -193,6 +200,7 @@ def triplet_config() -> ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.shard_params = False
+    c.mesh.shard_min_size = 2**18
     return c
 
 

@@ -8,14 +8,20 @@ The story of a run, top to bottom:
    (ColorJitter + RandomResizedCrop). With GRL, a second batch of ``target_batch_size`` unlabeled
    target images comes from ``data.target_folder``.
 2. model: a ``VPRModel`` (default ResNet-18 + GeM, 512-d), frozen stages excluded from the optimizer;
-   one CosFace classifier per group, kept in host memory except the group being trained.
-3. the step: ``train_step(state, batch, grl_coeff) -> (state, metrics)``, pure, jitted once with
-   explicit shardings over the mesh (batch split over the data axis).
+   one CosFace classifier per group, kept in host memory except the group being trained. In the
+   train state the group's classifier is padded to one shape for every group (the largest group's
+   classes, rounded up to a multiple of the batch shards), so that the step compiles once and FSDP
+   (``mesh.shard_params``) splits every group's rows alike; the padding rows are masked out of the
+   softmax (``losses.cosface_loss(num_classes=)``).
+3. the step: ``train_step(state, batch, grl_coeff, num_classes) -> (state, metrics)``, pure, jitted
+   once with explicit shardings over the mesh (batch split over the data axis).
    loss = CosFace(source) + lambda * CE(discriminator(GRL(features of source[:8] and target)))
    (thesis eq. 4.1), GRL coefficient from eq. 4.2 with p = epoch / epochs.
 4. the loop (``jaxvpr/train/loop.py``, shared with the triplet recipe): validation recall each
    epoch picks the best checkpoint; Orbax checkpoints every ``checkpoint_every`` steps and at epoch
-   ends (with every group's classifier); the test set is evaluated with the best model.
+   ends, written in the background; each group's classifier is a checkpoint part written only when
+   it changed (the group being trained: every checkpoint; the others: never again until their next
+   epoch); the test set is evaluated with the best model.
 """
 
 from __future__ import annotations
@@ -51,10 +57,11 @@ from jaxvpr.train.loop import (  # noqa: F401  (re-exported: the recipe's public
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything the step changes. ``classifier`` is the CosFace weight of the group being trained.
+    """Everything the step changes. ``classifier`` is the CosFace weight of the group being trained,
+    padded to ``CosPlaceTrainer.classifier_rows`` rows (``classifier_opt`` alike).
 
-    Checkpoints hold every group's classifier in the recipe's host state, so the state's copy is
-    not written twice (``not_checkpointed``).
+    Checkpoints hold every group's classifier (unpadded) in the recipe's host parts, so the state's
+    copy is not written twice (``not_checkpointed``).
     """
 
     not_checkpointed = ("classifier", "classifier_opt")
@@ -94,7 +101,7 @@ def make_optimizers(config: ConfigDict, params, model_cfg: ConfigDict | None = N
 
 
 def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
-    """The pure loss ``(params, classifier, disc_params, batch_stats, batch, grl_coeff) -> (total, aux)``.
+    """The pure loss ``(params, classifier, disc_params, batch_stats, batch, grl_coeff, num_classes) -> (total, aux)``.
 
     Thesis eq. 4.1: ``total = CosFace(source) + lambda * CE(D(GRL(f)), domain)`` where ``f`` are the
     features (pooled backbone map, or descriptors) of ``source[:source_to_discriminator]`` and of the
@@ -108,7 +115,8 @@ def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
     normalises both domains with the same statistics and the domain difference survives into the
     features the discriminator sees (with two passes each domain is normalised by its own batch
     statistics, which removes exactly the first and second moments that tell day from night; see
-    README "The discriminator and BatchNorm"). ``aux = (batch_stats, metrics)``.
+    README "The discriminator and BatchNorm"). ``num_classes``: the classifier's rows that are classes
+    (the rest is padding; None: all). ``aux = (batch_stats, metrics)``.
     """
     grl_on = bool(config.grl.enabled)
     n_src = int(config.grl.source_to_discriminator)
@@ -124,7 +132,7 @@ def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
                                              return_features=True, mutable=["batch_stats"])
         return desc.astype(jnp.float32), feats.astype(jnp.float32), mutated.get("batch_stats", batch_stats)
 
-    def loss_fn(params, classifier, disc_params, batch_stats, batch, grl_coeff):
+    def loss_fn(params, classifier, disc_params, batch_stats, batch, grl_coeff, num_classes=None):
         n = batch["image"].shape[0]
         if grl_on and joint:
             all_desc, all_feats, batch_stats = forward(
@@ -134,7 +142,7 @@ def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
             desc, feats, batch_stats = forward(params, batch_stats, batch["image"])
             if grl_on:
                 t_desc, t_feats, batch_stats = forward(params, batch_stats, batch["target_image"])
-        cosface = losses.cosface_loss(desc, classifier, batch["label"], s, m)
+        cosface = losses.cosface_loss(desc, classifier, batch["label"], s, m, num_classes)
         metrics = {"cosface_loss": cosface}
         total = cosface
         if grl_on:
@@ -169,16 +177,17 @@ def discriminator_diagnostics(source: jax.Array, target: jax.Array, hidden: list
 
 
 def make_train_step(model, discriminator, txs, config: ConfigDict, frozen=None):
-    """The pure step ``(state, batch, grl_coeff) -> (state, metrics)`` (loss: :func:`make_loss_fn`)."""
+    """The pure step ``(state, batch, grl_coeff, num_classes) -> (state, metrics)`` (loss: :func:`make_loss_fn`;
+    ``num_classes``: the current group's classes, the classifier's other rows being padding)."""
     model_tx, cls_tx, disc_tx = txs
     grl_on = bool(config.grl.enabled)
     loss_fn = make_loss_fn(model, discriminator, config, frozen)
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
 
-    def train_step(state: TrainState, batch: dict, grl_coeff: jax.Array):
+    def train_step(state: TrainState, batch: dict, grl_coeff: jax.Array, num_classes: jax.Array | None = None):
         (g_params, g_cls, g_disc), (batch_stats, metrics) = grad_fn(
-            state.params, state.classifier, state.disc_params, state.batch_stats, batch, grl_coeff)
+            state.params, state.classifier, state.disc_params, state.batch_stats, batch, grl_coeff, num_classes)
         updates, opt_state = model_tx.update(g_params, state.opt_state, state.params)
         cls_updates, classifier_opt = cls_tx.update(g_cls, state.classifier_opt, state.classifier)
         new = state.replace(
@@ -234,11 +243,11 @@ class CosPlaceTrainer(Trainer):
     """CosPlace (+ GRL): the hooks of :class:`jaxvpr.train.loop.Trainer`; the loop itself lives there.
 
     Epoch ``e`` trains group ``e mod groups_num``: its classifier (and Adam state) moves from host
-    memory into the state at the start of the epoch and back at the end; every group's classifier is
-    part of each checkpoint (``host_state``).
+    memory into the state (padded) at the start of the epoch and back at every checkpoint; each
+    group's classifier is a checkpoint part (``host_parts``) versioned by the step it last changed at.
     """
 
-    step_args = 1  # the GRL coefficient
+    step_args = 2  # the GRL coefficient, the current group's number of classes
 
     def __init__(self, config: ConfigDict, workdir: str | os.PathLike):
         super().__init__(config, workdir)
@@ -247,8 +256,11 @@ class CosPlaceTrainer(Trainer):
         self.data = load_train_data(config, self.root, cache_dir)
         self.discriminator = DomainDiscriminator(n_domains=2)
         self.txs = None  # set from the initial parameters (make_optimizers)
-        self.classifiers: list[dict] = []
+        self.classifiers: list[dict] = []  # per group: weight, opt (Adam state), step (when it last changed)
         self.group = 0  # the group being trained (its classifier is in the state)
+        # One classifier shape for every group: the largest group, rounded up so that FSDP can split the rows.
+        shards = parallel.num_batch_shards(self.mesh)
+        self.classifier_rows = -(-max(len(g) for g in self.data.groups) // shards) * shards
         t, g = config.train, config.grl
         self.augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
             brightness=t.brightness, contrast=t.contrast, saturation=t.saturation, hue=t.hue,
@@ -274,20 +286,20 @@ class CosPlaceTrainer(Trainer):
         model_tx, cls_tx, disc_tx = self.txs
         in_dim = feature_dim(self.model_cfg) if self.config.grl.attach == "features" else self.dim
         disc_params = self.discriminator.init(jax.random.key(self.config.seed + 1), jnp.zeros((1, in_dim)))["params"]
-        first = self.classifiers[0]
+        classifier, classifier_opt = pad_classifier(self.classifiers[0], self.classifier_rows)
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-            opt_state=model_tx.init(params), classifier=jnp.asarray(first["weight"]),
-            classifier_opt=jax.tree.map(jnp.asarray, first["opt"]),
+            opt_state=model_tx.init(params), classifier=classifier, classifier_opt=classifier_opt,
             disc_params=disc_params, disc_opt=disc_tx.init(disc_params))
 
     def init_classifiers(self) -> list[dict]:
-        """Host-side CosFace weights and Adam states, one per group."""
+        """Host-side CosFace weights and Adam states, one per group (changed at step 0)."""
         out = []
         for g, classes in enumerate(self.data.groups):
             rng = np.random.default_rng([self.config.seed, 1000 + g])
             weight = losses.init_cosface_weight(rng, len(classes), self.dim)
-            out.append({"weight": weight, "opt": jax.tree.map(np.asarray, self.txs[1].init(weight))})
+            out.append({"weight": weight, "opt": jax.tree.map(np.asarray, self.txs[1].init(weight)),
+                        "step": np.zeros((), np.int64)})
         return out
 
     def make_step(self):
@@ -299,23 +311,25 @@ class CosPlaceTrainer(Trainer):
 
     def start_epoch(self, state: TrainState, epoch: int) -> TrainState:
         self.group = epoch % self.config.train.groups_num
-        group = self.classifiers[self.group]
-        return state.replace(classifier=jnp.asarray(group["weight"]),
-                            classifier_opt=jax.tree.map(jnp.asarray, group["opt"]))
-
-    def host_state(self) -> dict:
-        return {f"group_{g}": c for g, c in enumerate(self.classifiers)}
+        classifier, classifier_opt = pad_classifier(self.classifiers[self.group], self.classifier_rows)
+        return state.replace(classifier=classifier, classifier_opt=classifier_opt)
 
     def host_template(self) -> dict:
-        return self.host_state()  # fresh classifiers: same shapes and optimizer-state structure
+        return {}
+
+    def host_parts(self) -> dict:
+        # Fresh classifiers have the shapes and optimizer-state structure of the saved ones: they are
+        # the restore templates too.
+        return {f"group_{g}": (int(c["step"]), c) for g, c in enumerate(self.classifiers)}
 
     def load_host_state(self, tree: dict) -> None:
         self.classifiers = [tree[f"group_{g}"] for g in range(len(self.classifiers))]
 
     def save(self, state, progress: dict, is_best: bool = False) -> None:
         # The group being trained lives in the state; every save (mid-epoch and the one ending each
-        # epoch) brings it home first, so the next epoch's start_epoch finds it trained.
-        self.classifiers[self.group] = _to_host_classifier(state)
+        # epoch) brings it home first, so the next epoch's start_epoch finds it trained. A new host
+        # copy, never an in-place update: the previous one may still be being written.
+        self.classifiers[self.group] = _to_host_classifier(state, len(self.data.groups[self.group]))
         super().save(state, progress, is_best)
 
     def images_per_step(self) -> int:
@@ -337,6 +351,7 @@ class CosPlaceTrainer(Trainer):
                 config.grl.target_batch_size, self.target_augment, seed=epoch_seed(config.seed, epoch, 1),
                 start_step=start, process_index=pid, process_count=pcount, num_workers=config.data.num_workers)
         coeff = grl_coefficient(epoch, t.epochs, config.grl.gamma) if config.grl.enabled else 0.0
+        num_classes = jnp.int32(len(self.data.groups[group]))
         for it in range(start, t.iterations_per_epoch):
             local = next(source)
             batch = {"image": local["image"], "label": local["label"]}
@@ -345,7 +360,7 @@ class CosPlaceTrainer(Trainer):
             if config.grl.enabled and config.grl.schedule == "step":
                 total = t.epochs * t.iterations_per_epoch
                 coeff = float(grl_schedule((epoch * t.iterations_per_epoch + it) / total, config.grl.gamma))
-            yield batch, (jnp.float32(coeff),)
+            yield batch, (jnp.float32(coeff), num_classes)
 
     def log_extras(self) -> dict:
         t = self.config.train
@@ -364,6 +379,23 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     return CosPlaceTrainer(config, workdir).fit()
 
 
-def _to_host_classifier(state: TrainState) -> dict:
-    """The group's classifier and its Adam state as host numpy (gathered if sharded over processes)."""
-    return {"weight": parallel.to_host(state.classifier), "opt": parallel.to_host(state.classifier_opt)}
+def pad_classifier(group: dict, rows: int) -> tuple[jax.Array, Any]:
+    """A group's classifier and Adam state with ``rows`` rows: its classes, then padding rows of ones
+    (any non-zero row: a zero row's normalisation has a NaN gradient) with zero Adam moments. The
+    loss masks the padding, which so gets zero gradients, zero moments and no update."""
+    def pad(x, value):
+        x = np.asarray(x)
+        if x.ndim != 2:  # Adam's step count
+            return jnp.asarray(x)
+        return jnp.asarray(np.concatenate([x, np.full((rows - x.shape[0], x.shape[1]), value, x.dtype)]))
+
+    return pad(group["weight"], 1.0), jax.tree.map(lambda x: pad(x, 0.0), group["opt"])
+
+
+def _to_host_classifier(state: TrainState, num_classes: int) -> dict:
+    """The group's classifier and its Adam state as host numpy without the padding rows (gathered if
+    sharded over processes), marked as changed at the state's step."""
+    unpad = lambda x: x[:num_classes] if x.ndim == 2 else x
+    return {"weight": unpad(parallel.to_host(state.classifier)),
+            "opt": jax.tree.map(unpad, parallel.to_host(state.classifier_opt)),
+            "step": np.asarray(int(state.step), np.int64)}

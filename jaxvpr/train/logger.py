@@ -7,23 +7,35 @@ everything, so call sites need no ``if``.
 from __future__ import annotations
 
 import json
-import time
 import math
+import os
+import time
 from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    """Appends records to ``metrics.jsonl`` and TensorBoard.
+
+    ``resume_step``: the run resumes from the checkpoint of that step, so the records of later steps
+    (written by the killed run after its last checkpoint, and written again now) are dropped from
+    ``metrics.jsonl`` and hidden in TensorBoard (``purge_step``): a resumed run's log holds every
+    step once. None: a new run; whatever an earlier attempt left in the workdir is dropped.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.workdir = Path(workdir)
         self.enabled = enabled
         self._tb = None
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+            path = self.workdir / "metrics.jsonl"
+            truncate_records(path, -1 if resume_step is None else resume_step)
+            self._file = open(path, "a", buffering=1)
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"),
+                                         purge_step=0 if resume_step is None else resume_step + 1)
             except ImportError:  # tensorboardX is a core dependency; tolerate its absence anyway
                 self._tb = None
 
@@ -44,6 +56,23 @@ class MetricsLogger:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+            self.enabled = False
+
+
+def truncate_records(path: Path, last_step: int) -> None:
+    """Keeps the records of steps <= ``last_step`` (and drops a line cut short by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

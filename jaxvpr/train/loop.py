@@ -3,19 +3,27 @@
 A recipe (``jaxvpr/train/cosplace.py``, ``jaxvpr/train/triplet.py``) is a subclass of :class:`Trainer`
 that loads its training data and implements the hooks marked *recipe* below: its state, its pure
 ``step(state, batch, *args) -> (state, metrics)``, how many steps an epoch has, and the batches of an
-epoch. Everything else lives here once. :meth:`Trainer.fit` reads top to bottom:
+epoch. Everything else lives here once. :meth:`Trainer.run` reads top to bottom:
 
 1. the initial state (random or ``model.init_checkpoint`` weights), or the latest checkpoint of the
    workdir (exact resume: model, optimizer states, the recipe's host state such as CosPlace's
    classifiers or the triplet mining cache, and the position within the epoch);
 2. the step, ``jax.jit`` once with explicit shardings: state as ``parallel.state_shardings`` (FSDP
    with ``mesh.shard_params``), batch split over the mesh's data axes, step arguments replicated;
-3. per epoch: ``start_epoch`` -> steps (metrics of step k checked while step k+1 runs; a non-finite
-   loss stops the run naming the step; interval means every ``log_every`` steps; a checkpoint every
-   ``checkpoint_every`` steps) -> ``end_epoch`` -> validation recall -> best model / early stopping
+3. per epoch: ``start_epoch`` -> steps (metrics of step k fetched and checked while step k+1 runs,
+   so logging never waits for the device; a non-finite loss stops the run naming the step; interval
+   means every ``log_every`` steps; a checkpoint every ``checkpoint_every`` steps, written while
+   training goes on) -> ``end_epoch`` -> validation recall -> best model / early stopping
    (``train.patience``) -> checkpoint;
 4. the test query sets with the best model (reusing that epoch's evaluations), ``results.json``,
    ``training.png``.
+
+:meth:`Trainer.fit` wraps that story in what a long run needs: the workdir is locked (a second run
+on it stops with :class:`WorkdirInUseError`; the lock dies with its process, so a killed run's lock
+never blocks the resume), and the checkpoints in flight are finished however the run ends. A resumed
+run is exact: the same parameters bit for bit on CPU (on GPU with ``train.deterministic``), and the
+same ``metrics.jsonl`` (records after the checkpoint are dropped; the epoch's metric sums are part of
+the checkpoint). ``tests/test_faults.py`` kills runs to check it.
 
 Model selection reads ``R@train.select_recall`` at ``train.select_distance_m`` metres (0: the first
 evaluation threshold) on the validation queries; never on test queries.
@@ -24,8 +32,10 @@ evaluation threshold) on the validation queries; never on test queries.
 from __future__ import annotations
 
 import abc
+import fcntl
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,6 +58,19 @@ from jaxvpr.train.logger import MetricsLogger, plot_run
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class WorkdirInUseError(ValueError):
+    """Another run is training in the workdir."""
+
+
+# XLA options of the step with ``train.deterministic`` (GPU; no effect on CPU, which is deterministic
+# already): deterministic scatter, reductions, GEMMs and convolutions, and no autotuning (a resumed
+# process would time the kernels again and may pick others, which round differently). The same as
+# XLA_FLAGS="--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0", which also covers
+# evaluation and triplet mining (set it in the environment before Python starts).
+DETERMINISTIC_GPU_OPTIONS = {"xla_gpu_deterministic_ops": True, "xla_gpu_autotune_level": 0}
+DETERMINISTIC_XLA_FLAGS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
 
 
 # ----------------------------------------------------------------------------- model set-up
@@ -197,6 +220,125 @@ def print_monitor_table(table: list[tuple[str, dict]], chance: dict | None = Non
     print(flush=True)
 
 
+# ----------------------------------------------------------------------------- a run's workdir and metrics
+class WorkdirLock:
+    """An exclusive lock on ``<workdir>/.lock`` while a run trains there (taken by process 0; with
+    several processes every one of them learns the answer).
+
+    ``fcntl.flock``: the operating system releases it when the process ends however it ends, so the
+    lock of a killed run never blocks its resume. (File systems without ``flock``, e.g. some network
+    mounts, make it advisory only.)
+    """
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.path = Path(workdir) / ".lock"
+        self.enabled = enabled
+        self.file = None
+
+    def __enter__(self) -> "WorkdirLock":
+        holder = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                self.file = None
+            else:
+                self.file.truncate(0)
+                self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                self.file.flush()
+        busy = holder is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+        if busy:
+            self.__exit__()
+            raise WorkdirInUseError(
+                f"Another run is training in {self.path.parent} ({holder or 'held by process 0 of another run'}; "
+                f"lock file {self.path}). Wait for it to end, stop it, or choose another --workdir.")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+class EpochMetrics:
+    """One epoch's metrics: fetched from the device one step late, checked, summed, logged.
+
+    ``push`` hands over the metrics of the step just dispatched (still being computed) and fetches
+    those of the step before, which are ready: logging never drains the device queue. ``flush``
+    fetches the last one (before a checkpoint, at the epoch's end). The sums -- of the epoch (epoch
+    means) and since the last "train" record (interval means) -- with the images and seconds so far
+    are part of a mid-epoch checkpoint (``progress()``), so a run resumed there logs what an
+    uninterrupted run logs.
+    """
+
+    def __init__(self, epoch: int, log_every: int, images_per_step: int, saved: dict | None = None):
+        saved = saved or {}
+        self.epoch, self.log_every, self.images_per_step = epoch, int(log_every), images_per_step
+        self.sums: dict[str, float] = dict(saved.get("sums", {}))
+        self.interval: dict[str, float] = dict(saved.get("interval", {}))
+        self.count = int(saved.get("count", 0))
+        self.interval_count = int(saved.get("interval_count", 0))
+        self.images = int(saved.get("images", 0))
+        self.seconds_before = float(saved.get("seconds", 0.0))  # of the epoch, before a resume
+        self.t0 = time.time()
+        self.pending = None  # (metrics on the device, iteration, global step)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.t0
+
+    def push(self, metrics, it: int, step: int) -> tuple[int, dict] | None:
+        """Queues step ``step`` (iteration ``it``); returns the previous step's ``flush()``."""
+        record = self.flush()
+        self.pending = (metrics, it, step)
+        return record
+
+    def flush(self) -> tuple[int, dict] | None:
+        """Fetches the queued step; returns ``(step, record)`` when it ends a log interval, else None."""
+        if self.pending is None:
+            return None
+        metrics, it, step = self.pending
+        self.pending = None
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(values["loss"]):
+            raise NonFiniteLossError(
+                f"The loss became {values['loss']} at epoch {self.epoch}, iteration {it} ({values}). Training "
+                "stopped; the checkpoints already written are intact (the last good one is the latest in "
+                "<workdir>/checkpoints). Lower the learning rates (train.lr and the recipe's other rates) and resume.")
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.interval[k] = self.interval.get(k, 0.0) + v
+        self.count += 1
+        self.interval_count += 1
+        self.images += self.images_per_step
+        if step % self.log_every:
+            return None
+        n = self.interval_count
+        record = dict(epoch=self.epoch, images_per_s=self.images / max(self.seconds(), 1e-9), steps_averaged=n,
+                      **{k: v / n for k, v in self.interval.items()})
+        self.interval, self.interval_count = {}, 0
+        return step, record
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+    def progress(self) -> dict:
+        """The sums so far (JSON: floats round-trip exactly), for a mid-epoch checkpoint."""
+        assert self.pending is None, "flush() first"
+        return {"sums": self.sums, "interval": self.interval, "count": self.count,
+                "interval_count": self.interval_count, "images": self.images, "seconds": self.seconds()}
+
+
 # ----------------------------------------------------------------------------- the trainer
 class Trainer(abc.ABC):
     """Holds what does not change during a run and runs it (:meth:`fit`). Subclass per recipe; the
@@ -223,8 +365,8 @@ class Trainer(abc.ABC):
         self.eval_resize = ev.parse_resize(config.data.eval_resize)
         self.val_split, self.val_queries = None, None  # read by fit(), after the recipe has read its training data
         self.select_index = self._select_threshold_index()
-        self.logger = MetricsLogger(self.workdir, enabled=self.is_main)
-        self.checkpointer = TrainCheckpointer(self.workdir, keep=config.train.keep_checkpoints)
+        self.checkpointer: TrainCheckpointer | None = None  # opened by fit(), under the workdir lock
+        self.logger: MetricsLogger | None = None             # opened by run(), knowing the resumed step
 
     # -- recipe hooks ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -265,11 +407,16 @@ class Trainer(abc.ABC):
         return state
 
     def host_state(self) -> dict:
-        """Host (numpy) state saved with every checkpoint, e.g. classifiers or the mining cache."""
+        """Small host (numpy) state saved with every checkpoint, e.g. the mining cache."""
+        return {}
+
+    def host_parts(self) -> dict[str, tuple[int, Any]]:
+        """Large host state saved in parts ``{name: (version, tree)}``, each written only when its version
+        (the step it last changed at) is new, e.g. the classifiers of the groups not being trained."""
         return {}
 
     def load_host_state(self, tree: dict) -> None:
-        pass
+        """The restored host state: ``host_state()``'s keys and ``host_parts()``'s names."""
 
     def host_template(self) -> dict | None:
         """The host state's structure and shapes for restoring it (None: as saved; shapes that vary)."""
@@ -336,7 +483,8 @@ class Trainer(abc.ABC):
         return variables
 
     def shardings(self, state):
-        return parallel.state_shardings(state, self.mesh, self.config.mesh.shard_params)
+        return parallel.state_shardings(state, self.mesh, self.config.mesh.shard_params,
+                                        int(self.config.mesh.get("shard_min_size", 2**18)))
 
     def place(self, state):
         return jax.device_put(state, self.shardings(state))
@@ -362,27 +510,56 @@ class Trainer(abc.ABC):
                                       num_workers=self.config.data.num_workers)
 
     def jit_step(self, state):
+        """The step, jitted once: every state of the run has the shapes and shardings of ``state``."""
         replicated = parallel.replicated(self.mesh)
         state_sharding = self.shardings(state)
+        options = DETERMINISTIC_GPU_OPTIONS if self.config.train.get("deterministic", False) else None
         return jax.jit(self.make_step(),
                        in_shardings=(state_sharding, parallel.batch_sharding(self.mesh)) + (replicated,) * self.step_args,
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+                       out_shardings=(state_sharding, replicated), donate_argnums=(0,), compiler_options=options)
 
     def save(self, state, progress: dict, is_best: bool = False) -> None:
-        self.checkpointer.save(state, self.host_state(), progress, self.model_cfg, self.config, is_best=is_best)
+        self.checkpointer.save(state, self.host_state(), progress, self.model_cfg, self.config, is_best=is_best,
+                               parts=self.host_parts())
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Runs (or resumes) the training in ``workdir`` and returns the final results."""
+        """Runs (or resumes) the training in ``workdir`` and returns the final results.
+
+        The workdir is locked meanwhile; checkpoints in flight are finished however the run ends.
+        """
+        with WorkdirLock(self.workdir, enabled=self.is_main):
+            self.checkpointer = TrainCheckpointer(self.workdir, keep=self.config.train.keep_checkpoints)
+            try:
+                results = self.run()
+            except BaseException:
+                self.close(failed=True)
+                raise
+            self.close()
+            return results
+
+    def close(self, failed: bool = False) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close(failed=failed)
+
+    def run(self) -> dict:
+        """The run itself (module doc, steps 1-4); :meth:`fit` opens and closes the workdir around it."""
         config, t, workdir = self.config, self.config.train, self.workdir
         self.val_split, self.val_queries = self.validation_split()
         if self.is_main:
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        if t.get("deterministic", False) and jax.default_backend() == "gpu" and \
+                "xla_gpu_deterministic_ops=true" not in os.environ.get("XLA_FLAGS", ""):
+            self.say(f"train.deterministic: the step is compiled deterministically; for evaluation and mining too, "
+                     f"start the run with XLA_FLAGS=\"{DETERMINISTIC_XLA_FLAGS}\".")
 
         # 1. state: initial, or the latest checkpoint of this workdir
         state = self.initial_state(self.initial_variables())
         progress = {"epoch": 0, "step_in_epoch": 0, "best_recall": -1.0, "best_epoch": -1, "bad_epochs": 0}
-        restored = self.checkpointer.restore_latest(state, self.shardings(state), self.host_template())
+        restored = self.checkpointer.restore_latest(state, self.shardings(state), self.host_template(),
+                                                    {name: tree for name, (_, tree) in self.host_parts().items()})
         if restored is not None:
             state, host, saved = restored
             progress.update(saved)
@@ -390,6 +567,9 @@ class Trainer(abc.ABC):
             logging.info("resumed from step %d (epoch %d, iteration %d)", int(state.step), progress["epoch"],
                          progress["step_in_epoch"])
             self.say(f"Resuming {workdir} at epoch {progress['epoch']}, iteration {progress['step_in_epoch']}.")
+        epoch_sums = progress.pop("metrics", None)  # of the epoch resumed mid-way
+        self.logger = MetricsLogger(workdir, enabled=self.is_main,
+                                    resume_step=None if restored is None else int(state.step))
         state = self.place(state)
         if jax.process_count() > 1 or jax.device_count() > 1:
             self.say(f"Topology: {parallel.describe_topology(self.mesh)}; global batch " + ", ".join(
@@ -431,57 +611,40 @@ class Trainer(abc.ABC):
                                                       image_size=(config.data.image_size,) * 2))
             monitor("start" if config.model.init_checkpoint else "before training", self.variables(state))
 
+        def log(record):  # a "train" record: the mean of every step since the last one
+            if record is not None:
+                step, values = record
+                self.logger.write("train", step, **values, **self.log_extras())
+
         # 3. epochs
         for epoch in range(progress["epoch"], t.epochs):
             state = self.place(self.start_epoch(state, epoch))
             n_steps = self.steps_per_epoch(epoch)
             first_step = sum(self.steps_per_epoch(e) for e in range(epoch))
             start = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-            sums: dict[str, float] = {}      # this epoch's metric sums (epoch means)
-            interval: dict[str, float] = {}  # sums since the last "train" record (interval means)
-            count, pending, t0, seen = 0, None, time.time(), 0
-
-            def take(metrics, it):  # fetch one step's metrics (checks the loss) into both sums
-                nonlocal count
-                for k, v in _accumulate(sums, metrics, epoch, it).items():
-                    interval[k] = interval.get(k, 0.0) + v
-                interval["_n"] = interval.get("_n", 0) + 1
-                count += 1
-
+            metrics_so_far = EpochMetrics(epoch, t.log_every, self.images_per_step(), epoch_sums if start else None)
             batches = self.batches(epoch, start, lambda: state)
             for it in range(start, n_steps):
                 local, args = next(batches)
                 batch = parallel.global_batch(local, self.mesh)
                 state, metrics = step_fn(state, batch, *args)
-                if pending is not None:  # check the previous step while this one runs
-                    take(pending, it - 1)
-                pending = metrics
-                seen += self.images_per_step()
                 step = first_step + it + 1
-                if step % t.log_every == 0:  # the mean of every step since the last record
-                    take(pending, it)
-                    pending = None
-                    n = interval.pop("_n")
-                    self.logger.write("train", step, epoch=epoch, images_per_s=seen / (time.time() - t0),
-                                      steps_averaged=n, **self.log_extras(), **{k: v / n for k, v in interval.items()})
-                    interval.clear()
+                log(metrics_so_far.push(metrics, it, step))  # fetches the previous step while this one runs
                 if step % t.checkpoint_every == 0 and it + 1 < n_steps:
-                    if pending is not None:
-                        take(pending, it)
-                        pending = None
-                    self.save(state, dict(progress, epoch=epoch, step_in_epoch=it + 1))
-            if pending is not None:
-                take(pending, n_steps - 1)
-            seconds = time.time() - t0
+                    log(metrics_so_far.flush())
+                    self.save(state, dict(progress, epoch=epoch, step_in_epoch=it + 1,
+                                          metrics=metrics_so_far.progress()))
+            log(metrics_so_far.flush())
+            seconds = metrics_so_far.seconds()
             state = self.end_epoch(state, epoch)
 
             # validation, best model, early stopping
             val = self.recall(state, self.val_split, self.val_queries)
             evaluated.setdefault(epoch, {})["val"] = val
             selected = self.selection_recall(val)
-            epoch_metrics = {k: v / max(count, 1) for k, v in sums.items()}
+            epoch_metrics = metrics_so_far.means()
             epoch_metrics.update({f"val/{k}": v for k, v in recall_row(val, self.thresholds).items()})
-            epoch_metrics.update({"val/selection": selected, "images_per_s": seen / max(seconds, 1e-9)})
+            epoch_metrics.update({"val/selection": selected, "images_per_s": metrics_so_far.images / max(seconds, 1e-9)})
             if t.get("monitor_epochs", True):
                 epoch_metrics.update(monitor(f"epoch {epoch + 1}", self.variables(state), epoch))
             is_best = selected > progress["best_recall"]
@@ -517,8 +680,6 @@ class Trainer(abc.ABC):
         if self.is_main:
             ev.atomic_write_text(workdir / "results.json", json.dumps(results, indent=2) + "\n")
             plot_run(workdir)
-        self.logger.close()
-        self.checkpointer.close()
         return results
 
     def final_results(self, state, progress: dict, evaluated: dict) -> dict:
@@ -539,15 +700,3 @@ class Trainer(abc.ABC):
             results["test"][key] = res
             self.say(ev.format_table(res["results"], f"test {split.name}/{queries} (best epoch {progress['best_epoch'] + 1})"))
         return results
-
-
-def _accumulate(sums: dict, metrics, epoch: int, it: int) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
-        raise NonFiniteLossError(
-            f"The loss became {values['loss']} at epoch {epoch}, iteration {it} ({values}). Training stopped; "
-            "the checkpoints already written are intact (the last good one is the latest in <workdir>/checkpoints). "
-            "Lower the learning rates (train.lr and the recipe's other rates) and resume.")
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + v
-    return values

@@ -35,9 +35,16 @@ def cosface_logits(descriptors: jax.Array, weight: jax.Array, labels: jax.Array,
     return s * (cosine - m * one_hot)
 
 
-def cosface_loss(descriptors, weight, labels, s: float = 30.0, m: float = 0.4) -> jax.Array:
-    """Mean cross-entropy of the CosFace logits (CosPlace's criterion)."""
+def cosface_loss(descriptors, weight, labels, s: float = 30.0, m: float = 0.4, num_classes=None) -> jax.Array:
+    """Mean cross-entropy of the CosFace logits (CosPlace's criterion).
+
+    ``num_classes`` (a traced scalar allowed): only the first ``num_classes`` rows of ``weight`` are
+    classes, the rest padding (CosPlace pads every group's classifier to one shape): their logits are
+    -inf, so they take no probability and get no gradient.
+    """
     logits = cosface_logits(descriptors, weight, labels, s, m)
+    if num_classes is not None:
+        logits = jnp.where(jnp.arange(weight.shape[0]) < num_classes, logits, -jnp.inf)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
