@@ -24,44 +24,8 @@ heading within 10 m of a query, which made mining describe all of it each epoch)
 night R@1 AdAGeo 12.8 +- 2.0 over seeds 0-2 against NetVLAD's 8.3 +- 0.9; ~15 minutes with the CosPlace model cached.
 """
 
-from jaxvpr.train.config import adageo_config
+from jaxvpr import presets
 
 
 def get_config():
-    c = adageo_config()
-    c.data.synthetic_preset = "small"
-    c.data.synthetic_domains = "night"
-    c.data.target_folder = "images/target/{domain}"  # the synthetic city's unlabeled pools
-    c.data.num_workers = 2
-
-    c.model.num_classes = 16
-    c.adageo.scene_classes = 16
-    c.adageo.backbone_checkpoint = "config:demo_baseline"
-    c.adageo.scene_images = 800          # gallery images the scene classifier is fitted on (faiss: >= 39 per class)
-    c.adageo.kmeans_images = 300
-    c.adageo.kmeans_per_image = 16       # a 128 px image has 4 x 4 layer4 positions
-    c.adageo.grl_lr = 1e-3               # the discriminator (AdAGeo 1e-5, which learns nothing in 150 steps)
-    c.adageo.compare = "adageo_demo_netvlad"
-
-    c.train.epochs = 2
-    c.train.lr = 1e-4
-    c.train.queries_per_epoch = "200"
-    c.train.cache_refresh_rate = 200
-    c.train.mining = "partial"           # 1,000 sampled gallery images per refresh (AdAGeo: the whole gallery)
-    c.train.neg_samples_num = 1000
-    c.train.positives_angle_deg = 30.0   # hard positives also within 30 deg of heading (AdAGeo: distance only)
-    c.train.patience = 0
-    c.train.log_every = 10
-    c.train.checkpoint_every = 1000
-    c.eval.batch_size = 64
-
-    d = c.ddda
-    d.model.ngf = 16
-    d.data.resize = 144
-    d.data.crop = 128
-    d.train.phase1_epochs = 5            # BiOST's schedule: constant, then linear to 0 at the last epoch
-    d.train.phase2_epochs = 5
-    d.train.decay_epochs = 2
-    d.train.iterations_per_epoch = 50
-    d.train.log_every = 50
-    return c
+    return presets.adageo_demo()

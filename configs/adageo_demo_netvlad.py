@@ -7,13 +7,8 @@ source (daylight) queries only: no pseudo-targets, no attention, no GRL. The 5 n
 part. ``configs/adageo_demo.py`` trains it on first use and prints it beside AdAGeo.
 """
 
-from jaxvpr.train.baseline import load_config_file
+from jaxvpr import presets
 
 
 def get_config():
-    c = load_config_file("adageo_demo")
-    c.model.name = "adageo_resnet18_netvlad_64_noatt"
-    c.adageo.ddda = False
-    c.adageo.grl = False
-    c.adageo.compare = ""
-    return c
+    return presets.adageo_demo_netvlad()

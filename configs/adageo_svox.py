@@ -17,15 +17,8 @@ and 3 and Fig. 5b: ``python -m jaxvpr.experiments adageo-table2 --config configs
 Not run here: neither SVOX, RobotCar nor the Places365 weights can be downloaded on this machine.
 """
 
-from jaxvpr.train.config import adageo_config
+from jaxvpr import presets
 
 
 def get_config():
-    c = adageo_config()
-    c.data.database_folder = "gallery"
-    c.data.target_folder = "images/train/queries_{domain}"
-    c.data.test_queries = "queries_{domain}"
-    c.adageo.domain = "night"
-    c.adageo.backbone_checkpoint = ""   # the Places365 ResNet-18 file (required: --config.adageo.backbone_checkpoint)
-    c.adageo.kmeans_pool = "paper"
-    return c
+    return presets.adageo_svox()

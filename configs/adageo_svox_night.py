@@ -1,9 +1,7 @@
 """AdAGeo, SVOX -> RobotCar night (paper Table 2 column); see configs/adageo_svox.py."""
 
-from jaxvpr.train.baseline import load_config_file
+from jaxvpr import presets
 
 
 def get_config():
-    c = load_config_file("adageo_svox")
-    c.adageo.domain = "night"
-    return c
+    return presets.adageo_svox("night")

@@ -8,14 +8,8 @@ on 128 px crops, then pseudo-night versions of the training and validation queri
 has every field; ``configs/adageo_demo.py`` runs this phase itself before training phase 2.
 """
 
-from jaxvpr.train.baseline import load_config_file
+from jaxvpr import presets
 
 
 def get_config():
-    adageo = load_config_file("adageo_demo")
-    c = adageo.ddda
-    c.data.synthetic_preset = adageo.data.synthetic_preset
-    c.data.synthetic_domains = adageo.data.synthetic_domains
-    c.data.target_folder = adageo.data.target_folder.replace("{domain}", adageo.adageo.domain)
-    c.data.n_target = adageo.adageo.n_target
-    return c
+    return presets.ddda_demo()

@@ -26,32 +26,8 @@ Other differences from the thesis, for the 2-core budget: Adam 1e-4 (thesis 1e-5
 configs/demo_baseline.py for why).
 """
 
-from jaxvpr.train.baseline import load_config_file
+from jaxvpr import presets
 
 
 def get_config():
-    # The baseline's data, model and augmentation settings; what fine-tuning changes is below.
-    c = load_config_file("demo_baseline")
-    c.data.target_folder = "images/target/night"
-    c.data.val_queries = "queries_night"   # model selection on target-domain validation queries (cf. Tokyo-XS)
-    c.data.test_queries = "queries,queries_night"
-    c.data.monitor = ("images/test:queries", "images/test:queries_night")
-
-    c.model.init_checkpoint = "config:demo_baseline"  # trained on first use, cached
-    c.model.train_all_layers = False                   # CosPlace's default: layer3 + layer4 train
-
-    c.train.epochs = 3
-    c.train.iterations_per_epoch = 25
-    c.train.lr = 1e-4
-    c.train.log_every = 5
-    c.train.eval_before_training = True
-    c.train.eval_random_init = True
-
-    c.grl.enabled = True
-    c.grl.lr = 1e-3          # mu
-    c.grl.weight = 1.0       # lambda, chosen on val/queries_night (see above)
-    c.grl.gamma = 10.0
-    c.grl.target_batch_size = 8
-    c.grl.source_to_discriminator = 8
-    c.grl.attach = "features"
-    return c
+    return presets.demo()

@@ -21,32 +21,8 @@ each for the 2-core budget or for the synthetic city:
   hue shift of up to half the colour wheel makes two facades of the city the same.
 """
 
-from jaxvpr.train.config import cosplace_config
+from jaxvpr import presets
 
 
 def get_config():
-    c = cosplace_config()
-    c.data.synthetic_preset = "small"
-    c.data.synthetic_domains = "night"  # the demos' target; the city's other domains render when asked for
-    c.data.image_size = 80
-    c.data.num_workers = 0
-    c.data.test_queries = ""  # the demo evaluates the baseline on the test queries (its "start" row)
-
-    c.model.name = "cosplace_resnet18_512"
-    c.model.train_all_layers = True
-
-    c.train.epochs = 5
-    c.train.iterations_per_epoch = 40
-    c.train.batch_size = 32
-    c.train.lr = 1e-3
-    c.train.N = 2
-    c.train.L = 2
-    c.train.groups_num = 8
-    c.train.min_images_per_class = 4
-    c.train.hue = 0.1
-    c.train.saturation = 0.3
-    c.train.checkpoint_every = 1000
-    c.train.log_every = 10
-
-    c.eval.batch_size = 64
-    return c
+    return presets.demo_baseline()

@@ -13,27 +13,8 @@ SF-XL test. The grid of Table 4.2: mu in {1e-4, 1e-3, 1e-2} (--config.grl.lr), l
 backbone features.
 """
 
-from jaxvpr.train.config import cosplace_config
+from jaxvpr import presets
 
 
 def get_config():
-    c = cosplace_config()
-    c.data.train_folder = "sf_xl/processed/train"
-    c.data.val_split = "sf_xs/test"
-    c.data.val_queries = "queries_v1"
-    c.data.test_split = "sf_xl/processed/test"
-    c.data.test_queries = "queries_v1"
-    c.data.target_folder = "sf_xl/processed/test/queries_v1"
-    c.data.image_size = 512
-    c.data.truncated_images = "pil"  # SF-XL's truncated JPEGs decode as in CosPlace (PIL LOAD_TRUNCATED_IMAGES)
-    c.model.name = "cosplace_resnet18_512"
-    c.model.init_checkpoint = ""     # path of the converted CosPlace ResNet-18/512 hub checkpoint
-    c.train.epochs = 20
-    c.grl.enabled = True
-    c.grl.lr = 1e-2
-    c.grl.weight = 10.0
-    c.grl.gamma = 10.0
-    c.grl.target_batch_size = 8
-    c.grl.source_to_discriminator = 8
-    c.grl.attach = "features"
-    return c
+    return presets.grl_sfxl()

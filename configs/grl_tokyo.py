@@ -13,21 +13,8 @@ fresh classifiers. For the ImageNet-initialised variant pass a converted ImageNe
 Tokyo 24/7 queries are phone photos of varying size: they are described at native size, grouped by size.
 """
 
-import importlib.util
-from pathlib import Path
-
-# Setting 2 shares every training and GRL setting with setting 1 (configs/grl_sfxl.py); only the
-# validation, test and target data differ.
-_spec = importlib.util.spec_from_file_location("grl_sfxl", Path(__file__).with_name("grl_sfxl.py"))
-_setting1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_setting1)
+from jaxvpr import presets
 
 
 def get_config():
-    c = _setting1.get_config()
-    c.data.val_split = "tokyo_xs/images/test"
-    c.data.val_queries = "queries"
-    c.data.test_split = "tokyo247/images/test"
-    c.data.test_queries = "queries"
-    c.data.target_folder = "tokyo247/images/test/queries"
-    return c
+    return presets.grl_tokyo()

@@ -10,12 +10,8 @@ crops), everything else as configs/demo_baseline.py (same city, augmentation, gr
 optimizer). ~8 minutes per seed on 2 CPU cores.
 """
 
-from jaxvpr.train.baseline import load_config_file
+from jaxvpr import presets
 
 
 def get_config():
-    c = load_config_file("demo_baseline")
-    c.data.image_size = 96
-    c.train.epochs = 4
-    c.train.iterations_per_epoch = 100
-    return c
+    return presets.study_baseline()

@@ -22,38 +22,8 @@ at 1e-3 was worse (37.5 at 96 px evaluation) and twice as slow. The test floors 
 before training and with the best model only (``train.monitor_epochs=False``).
 """
 
-from jaxvpr.train.config import triplet_config
+from jaxvpr import presets
 
 
 def get_config():
-    c = triplet_config()
-    c.data.synthetic_preset = "indoor_small"
-    c.data.train_splits = "station_b1"
-    c.data.val_split = "mall_b1"
-    c.data.test_splits = "station_b2,mall_1f,mall_4f"
-    c.data.monitor = ("station_b2", "mall_1f", "mall_4f")
-    c.data.train_resize = 0
-    c.data.train_crop = 96
-    c.data.eval_resize = ""
-    c.data.image_size = 96
-    c.data.num_workers = 0
-
-    c.model.name = "cosplace_resnet18_512"
-    c.model.init_checkpoint = "config:demo_baseline"  # trained on first use, cached
-
-    c.train.epochs = 3
-    c.train.lr = 1e-3
-    c.train.queries_per_epoch = "200"
-    c.train.cache_refresh_rate = 0
-    c.train.train_positives_dist_threshold = 5.0
-    c.train.val_positive_dist_threshold = 10.0
-    c.train.select_recall = 1
-    c.train.select_distance_m = 10.0
-    c.train.patience = 0
-    c.train.log_every = 5
-    c.train.checkpoint_every = 1000
-    c.train.eval_before_training = True
-    c.train.eval_random_init = True
-    c.train.monitor_epochs = False  # test floors before training and with the best model; val every epoch
-    c.eval.batch_size = 64
-    return c
+    return presets.triplet_demo()

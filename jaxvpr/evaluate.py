@@ -213,11 +213,6 @@ class Describer:
         return describe
 
 
-def make_descriptor_fn(model, variables) -> Callable[[np.ndarray], jax.Array]:
-    """A jitted ``images (B,H,W,3) -> descriptors (B,D)`` in inference mode, batch split over devices."""
-    return Describer(model).bind(variables)
-
-
 def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 32, resize=None,
                         num_workers: int = 0, skip_corrupt: bool = False, desc: str = "images",
                         progress: bool = True, mixed_sizes: bool = False, transform=None) -> Descriptors:
@@ -402,7 +397,7 @@ def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str
     :func:`evaluate_split` for unreadable images, the test-time method and the PCA.
     """
     split = read_split(split_dir, queries_folder)
-    return evaluate_split(make_descriptor_fn(model, variables), split, queries_folder, thresholds, resize,
+    return evaluate_split(Describer(model).bind(variables), split, queries_folder, thresholds, resize,
                           queries_resize, batch_size, num_workers, skip_corrupt, out_dir, save_descriptors,
                           progress, pictures, test_method=test_method, majority_weight=majority_weight,
                           pca_dim=pca_dim, pca_folder=pca_folder, unreadable_queries=unreadable_queries)
@@ -519,7 +514,7 @@ def main(argv):
     q_resize = "same" if FLAGS.queries_resize == "same" else parse_resize(FLAGS.queries_resize)
     split = read_split(FLAGS.dataset, FLAGS.queries)  # a wrong folder or image name fails before the model
     model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
-    results = evaluate_split(make_descriptor_fn(model, variables), split, FLAGS.queries, thresholds, resize,
+    results = evaluate_split(Describer(model).bind(variables), split, FLAGS.queries, thresholds, resize,
                              q_resize, FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
                              FLAGS.save_descriptors, pictures=pictures, test_method=FLAGS.test_method,
                              majority_weight=FLAGS.majority_weight, pca_dim=FLAGS.pca_dim,

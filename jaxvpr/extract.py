@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from jaxvpr.checkpoint import load_model
     from jaxvpr.data.format import list_images
     from jaxvpr.data.images import set_truncated_mode
-    from jaxvpr.evaluate import (atomic_save_npy, atomic_write_text, extract_descriptors, make_descriptor_fn,
+    from jaxvpr.evaluate import (Describer, atomic_save_npy, atomic_write_text, extract_descriptors,
                                  parse_resize)
     from jaxvpr.models import build_model
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     else:
         rel = list_images(source)  # a missing or empty folder fails before the model is loaded
     cfg, variables = load_model(args.checkpoint)
-    describe = make_descriptor_fn(build_model(cfg), variables)
+    describe = Describer(build_model(cfg)).bind(variables)
     if rel is None:
         descriptors = describe_array(describe, images, args.batch_size)
     else:

@@ -36,28 +36,33 @@ flags.DEFINE_string("workdir", None, "Run folder (logs, checkpoints, results). D
 
 
 def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
-    """Evaluates ``config.model`` (a checkpoint, or random weights) on every configured query folder."""
+    """Evaluates ``config.model`` (``init_checkpoint``, or random weights) on ``data.test_split``'s queries.
+
+    The fields are the training recipes' (``model.init_checkpoint``, ``data.test_split``,
+    ``data.test_queries``, ``data.eval_resize``, ``eval.*``): a training config's test set evaluates as is.
+    """
     from jaxvpr import evaluate as ev
     from jaxvpr import parallel
-    from jaxvpr.data.format import dataset_root
+    from jaxvpr.data import format as fmt
 
     main = parallel.is_main_process()  # every process describes its share; process 0 reports
 
-    root = dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
-    model, variables, _ = ev.load_for_evaluation(
-        config.model.checkpoint or None, config.model.name, not config.model.checkpoint, config.seed,
-        image_size=config.data.image_size)
+    root = fmt.dataset_root(config.data.root, config.data.synthetic_preset, config.data.synthetic_seed)
+    checkpoint = config.model.init_checkpoint or None
+    model, variables, _ = ev.load_for_evaluation(checkpoint, config.model.name, checkpoint is None, config.seed,
+                                                 image_size=config.data.image_size)
     thresholds = ev.parse_thresholds(config.eval.thresholds, config.eval.angles or None)
-    resize = ev.parse_resize(config.eval.resize)
+    resize = ev.parse_resize(config.data.eval_resize)
+    split_dir = fmt.resolve_folder(root, config.data.test_split, "Test")
     all_results = {}
-    for queries in config.eval.queries:
-        out = workdir / config.eval.split / queries
-        res = ev.evaluate(model, variables, root / "images" / config.eval.split, queries, thresholds,
-                          resize, batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
-                          skip_corrupt=config.eval.get("skip_corrupt", False), out_dir=out,
-                          unreadable_queries=config.eval.get("unreadable_queries", "miss"))
+    for queries in [q for q in str(config.data.test_queries).split(",") if q]:
+        out = workdir / split_dir.name / queries
+        res = ev.evaluate(model, variables, split_dir, queries, thresholds, resize,
+                          batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
+                          skip_corrupt=config.eval.skip_corrupt, out_dir=out,
+                          unreadable_queries=config.eval.unreadable_queries)
         if main:
-            print(ev.format_table(res["results"], f"\n{config.eval.split}/{queries}: {res['num_queries']} queries, "
+            print(ev.format_table(res["results"], f"\n{split_dir.name}/{queries}: {res['num_queries']} queries, "
                                                   f"{res['num_database']} database images"))
             if "num_queries_skipped" in res:
                 print(ev.skipped_summary(res))

@@ -1,9 +1,18 @@
 import os
+import tempfile
 
 import pytest
 
 # Tests run on the CPU with one device unless a test sets up more in a subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Most of the suite's time is XLA compiling the same ResNet steps in many tests and their subprocesses:
+# one persistent compilation cache for the session, both workers and every subprocess (they inherit
+# the environment). It changes no result: an executable loaded from it is the one XLA compiled.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _base = os.environ.get("JAXVPR_CACHE") or os.path.join(tempfile.gettempdir(), "jaxvpr-tests")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_base, "xla-compilation-cache")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Evaluator: kNN + recall against hand-computed cases and a brute-force numpy reference."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,21 @@ def test_cli_on_the_synthetic_city_writes_results_and_descriptors(tiny_city, tmp
     d2 = ((q[:, None] - db[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(pred[:, 0], d2.argmin(1))
     assert len((out / "database_paths.txt").read_text().split()) == 384
+
+    # The evaluate recipe (configs/eval_synthetic.py, training's field names) gives the same table.
+    work = tmp_path / "recipe"
+    r = subprocess.run([sys.executable, "-m", "jaxvpr.main", "--config", "configs/eval_synthetic.py",
+                        "--workdir", str(work), f"--config.data.root={tiny_city}", "--config.data.test_queries=queries_night",
+                        "--config.eval.thresholds=10,25,25", "--config.eval.angles=-,-,60", "--config.eval.batch_size=64"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recipe = json.loads((work / "results.json").read_text())["queries_night"]
+    assert recipe["results"] == res["results"] and (work / "test" / "queries_night").is_dir()
+    # The evaluation-only schema of earlier versions is refused with the new name beside it.
+    r = subprocess.run([sys.executable, "-m", "jaxvpr.main", "--config", "configs/eval_synthetic.py",
+                        "--workdir", str(work), "--config.model.checkpoint=x"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode != 0 and "checkpoint" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 def test_corrupt_image_is_an_error_unless_skipped(tmp_path):

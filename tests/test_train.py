@@ -143,6 +143,28 @@ def test_thesis_config_values():
     assert tokyo.train.iterations_per_epoch == 10_000 and tokyo.model.name == "cosplace_resnet18_512"
 
 
+def test_config_files_are_short_presets_of_the_package(monkeypatch, tmp_path):
+    """No config loads a sibling file by path; each preset's config file gives exactly the preset."""
+    from jaxvpr import presets
+    from jaxvpr.train import baseline
+
+    for path in sorted((REPO / "configs").glob("*.py")):
+        text = path.read_text()
+        assert "importlib" not in text and "load_config_file" not in text, path.name
+    for name in presets.PRESETS:
+        assert _load_config(REPO / f"configs/{name}.py").to_dict() == presets.get(name).to_dict(), name
+    night, snow = presets.get("adageo_svox_night"), presets.get("adageo_svox", domain="snow")
+    assert (night.adageo.domain, snow.adageo.domain, snow.adageo.kmeans_pool) == ("night", "snow", "paper")
+    assert presets.demo_nogrl().grl.enabled is False and presets.demo().grl.enabled is True
+    # An installed package has no configs/ beside it: "config:demo_baseline" still resolves.
+    monkeypatch.setattr(baseline, "configs_dir", lambda: tmp_path)
+    assert baseline.load_config_file("demo_baseline").to_dict() == presets.demo_baseline().to_dict()
+    with pytest.raises(FileNotFoundError, match="demo_baseline"):
+        baseline.load_config_file("no_such_config")
+    with pytest.raises(ValueError, match="AdAGeo"):
+        presets.adageo_svox("fog")
+
+
 def test_unknown_config_field_is_an_error(tmp_path):
     r = _main(["--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.train.no_such_field=1"])
     assert r.returncode != 0 and "no_such_field" in r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_same_training, final_params
+from helpers import assert_same_training, final_params, tiny_triplet_config
 
 REPO = Path(__file__).resolve().parents[1]
 from jaxvpr.train.config import ConfigError, triplet_config
@@ -170,37 +170,35 @@ def test_triplet_step_in_bf16_keeps_fp32_state_and_follows_the_fp32_loss(one_dev
 
 # ----------------------------------------------------------------------------- the recipe
 def resume_config(root):
-    """The resume test's run: 2 epochs of 2 cache refreshes of 3 steps, a checkpoint every 2 steps
-    (``tests/scripts/faulty_run.py`` runs it too)."""
-    c = _config(root, epochs=2, queries_per_epoch="24", cache_refresh_rate=12, checkpoint_every=2, log_every=1)
-    c.model.name = ""
-    c.model.backbone, c.model.head, c.model.fc_output_dim = "resnet18conv4", "gem", 64
-    c.data.train_crop = 48
+    """The resume test's run on :func:`helpers.write_tiny_dataset`'s floor: 2 epochs of 2 cache refreshes
+    of 2 steps, a checkpoint every step (``tests/scripts/faulty_run.py`` runs it too)."""
+    c = tiny_triplet_config(root)
+    c.train.checkpoint_every = 1
     return c
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_refresh_restores_the_mined_triplets_and_gives_the_same_parameters(
-        tiny_indoor, tmp_path, monkeypatch):
+        tiny_root, tmp_path, monkeypatch):
     from jaxvpr.train.triplet import TripletTrainer
 
-    straight = TripletTrainer(resume_config(tiny_indoor), tmp_path / "straight").fit()
+    straight = TripletTrainer(resume_config(tiny_root), tmp_path / "straight").fit()
 
     # The same run in a subprocess that SIGKILLs itself (no cleanup, an asynchronous checkpoint
-    # possibly half written) at step 5 of epoch 0: refresh 1, step 2 of 3. Its last complete
-    # checkpoint is step 4 (inside refresh 1) or, if that one was still being written, step 2
-    # (inside refresh 0). Either way the refresh of that step must come back from the checkpoint
-    # with its triplets, not be mined again with the changed model.
+    # possibly half written) when the 4th step is due: refresh 1 (steps 3-4) has run one step. Its last
+    # complete checkpoint is step 3 (inside refresh 1) or, if that one was still being written, step 2
+    # or 1 (refresh 0). Either way the refresh of that step must come back from the checkpoint with its
+    # triplets, not be mined again with the changed model.
     killed = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, str(REPO / "tests/scripts/faulty_run.py"), "test_triplet:resume_config",
-                        str(tiny_indoor), str(killed), "kill-at-step", "5"], env=dict(env, JAX_PLATFORMS="cpu"),
+                        str(tiny_root), str(killed), "kill-at-step", "3"], env=dict(env, JAX_PLATFORMS="cpu"),
                        cwd=REPO, timeout=600, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-3000:]
     from jaxvpr.checkpoint import read_meta
 
     _, _, at_kill = read_meta(killed / "checkpoints", "latest")
-    assert at_kill in (2, 4), at_kill
+    assert at_kill in (1, 2, 3), at_kill
 
     calls = {"mine": 0}
     real_mine = TripletTrainer.mine
@@ -210,13 +208,13 @@ def test_resume_after_sigkill_mid_refresh_restores_the_mined_triplets_and_gives_
         return real_mine(self, *a, **k)
 
     monkeypatch.setattr(TripletTrainer, "mine", counting_mine)
-    resumed = TripletTrainer(resume_config(tiny_indoor), killed).fit()
-    # Refreshes start at steps 1, 4, 7, 10: the one holding the checkpoint's step is restored.
-    assert calls["mine"] == {2: 3, 4: 2}[at_kill]
+    resumed = TripletTrainer(resume_config(tiny_root), killed).fit()
+    # Refreshes start at steps 1, 3, 5, 7: the one holding the checkpoint's step is restored.
+    assert calls["mine"] == {1: 3, 2: 3, 3: 2}[at_kill]
 
     step_a, a = final_params(tmp_path / "straight")
     step_b, b = final_params(killed)
-    assert step_a == step_b == 12
+    assert step_a == step_b == 8
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert straight["test"].keys() == resumed["test"].keys()
@@ -267,6 +265,10 @@ def test_every_cell_of_the_thesis_grid_has_a_config():
     from jaxvpr.train.loop import run_model_config
 
     assert run_model_config(salad).dropout == 0.3 and run_model_config(salad).trainable_stages == 4
+    # Any SALAD training, not only the thesis config, uses the anchor's head dropout (0.3; off in inference).
+    plain = triplet_config()
+    plain.model.name = "salad_dinov2_vitb14"
+    assert plain.model.dropout == -1.0 and run_model_config(plain).dropout == 0.3
     with pytest.raises(ValueError, match="SPLIT"):
         module.get_config("eigenplaces,GB9,5_10,separated")
 

@@ -65,6 +65,6 @@ def grl_coefficient(epoch: int, epochs: int, gamma: float) -> float:
 def grl_coefficient_at_step(step, total_steps: int, gamma: float):
     """Per-step variant (Ganin & Lempitsky's original): eq. 4.2 with p = step / total_steps.
 
-    Works on traced ``step`` (e.g. ``state.step`` inside a jitted train step).
+    Works on traced ``step`` too. The CosPlace trainer uses it under ``grl.schedule = "step"``.
     """
     return grl_schedule(jnp.asarray(step, jnp.float32) / total_steps, gamma)

@@ -136,7 +136,7 @@ HEAD_OPTIONS: dict[str, dict[str, Any]] = {
     "netvlad": {"num_clusters": 64, "pca_dim": 0},
     "mixvpr": {"out_channels": 1024, "mix_depth": 4, "mlp_ratio": 1, "out_rows": 4, "in_h": 20, "in_w": 20},
     "convap": {"out_channels": 512, "s1": 2, "s2": 2},
-    "salad": {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "dropout": 0.0},
+    "salad": {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "dropout": 0.3},
     "anyloc": {"layer": 31, "facet": "value", "num_clusters": 32},
     "cls": {},
     "cam_netvlad": {"num_clusters": 64, "num_classes": 365, "attention": True},
@@ -297,7 +297,8 @@ _NAMED: dict[str, dict[str, Any]] = {
     # SALAD (Izquierdo & Civera, CVPR 2024): DINOv2 ViT-B/14 + optimal-transport head, 8448-d.
     "salad_dinov2_vitb14": dict(
         backbone="dinov2_vitb14", head="salad", image_size=(322, 322),
-        num_clusters=64, cluster_dim=128, token_dim=256, dropout=0.0,
+        num_clusters=64, cluster_dim=128, token_dim=256,
+        dropout=0.3,  # SALAD's class default, active in its training (inference: off)
     ),
     # AnyLoc-VLAD-DINOv2 (Keetha et al., RA-L 2023): DINOv2 ViT-G/14 value facet of block 31,
     # hard VLAD over 32 centres, 49152-d. One architecture; the names differ only in the

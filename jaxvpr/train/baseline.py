@@ -33,10 +33,18 @@ def configs_dir() -> Path:
 
 
 def load_config_file(name: str) -> ConfigDict:
-    """``get_config()`` of ``configs/<name>.py`` (or of a path to a config file)."""
+    """``get_config()`` of ``configs/<name>.py`` (or of a path to a config file).
+
+    Without a ``configs/`` folder (an installed package) a name falls back to :mod:`jaxvpr.presets`.
+    """
     path = Path(name) if name.endswith(".py") else configs_dir() / f"{name}.py"
     if not path.is_file():
-        raise FileNotFoundError(f"Config {name!r}: no file {path} (expected a config in {configs_dir()}).")
+        from jaxvpr import presets
+
+        if name in presets.PRESETS:
+            return presets.get(name)
+        raise FileNotFoundError(f"Config {name!r}: no file {path} (expected a config in {configs_dir()}, "
+                                f"or a preset of jaxvpr.presets: {', '.join(sorted(presets.PRESETS))}).")
     spec = importlib.util.spec_from_file_location(f"jaxvpr_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

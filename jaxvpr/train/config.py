@@ -108,7 +108,6 @@ def cosplace_config() -> ConfigDict:
 
     c.eval = ConfigDict()
     c.eval.batch_size = 32
-    c.eval.recall_values = (1, 5, 10, 20)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1                   # -1: all devices
@@ -157,7 +156,7 @@ def triplet_config() -> ConfigDict:
     c.model.init_checkpoint = ""       # converted hub weights or a jaxvpr run ("config:NAME": trained on first use)
     c.model.fc_output_dim = 0
     c.model.trainable_stages = -1      # -1: the paper's policy (EigenPlaces layer3+4; SALAD the last 4 blocks)
-    c.model.dropout = -1.0             # SALAD head dropout in training; -1: the model's (0 for inference)
+    c.model.dropout = -1.0             # SALAD head dropout in training; -1: the named model's (SALAD 0.3, as the anchor)
     c.model.train_all_layers = False
     c.model.allow_random_frozen = False
 

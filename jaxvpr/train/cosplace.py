@@ -47,7 +47,7 @@ from jaxvpr.data.augment import cosplace_augment
 from jaxvpr.data.cosplace import cached_group_classes, check_groups_num
 from jaxvpr.models import feature_dim, frozen_mask
 from jaxvpr.models.discriminator import DomainDiscriminator
-from jaxvpr.models.grl import grad_reverse, grl_coefficient, grl_schedule
+from jaxvpr.models.grl import grad_reverse, grl_coefficient, grl_coefficient_at_step
 from jaxvpr.train import losses
 from jaxvpr.train.config import ConfigError
 from jaxvpr.train.loop import (  # noqa: F401  (re-exported: the recipe's public names)
@@ -358,8 +358,8 @@ class CosPlaceTrainer(Trainer):
             if target is not None:
                 batch["target_image"] = next(target)["image"]
             if config.grl.enabled and config.grl.schedule == "step":
-                total = t.epochs * t.iterations_per_epoch
-                coeff = float(grl_schedule((epoch * t.iterations_per_epoch + it) / total, config.grl.gamma))
+                coeff = float(grl_coefficient_at_step(epoch * t.iterations_per_epoch + it,
+                                                      t.epochs * t.iterations_per_epoch, config.grl.gamma))
             yield batch, (jnp.float32(coeff), num_classes)
 
     def log_extras(self) -> dict:
