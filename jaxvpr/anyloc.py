@@ -41,6 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxvpr import cli
+from jaxvpr.data import images
 
 PATCH_SIZE = 14
 
@@ -314,9 +315,11 @@ def _load_model(args) -> tuple[Any, Any]:
 def vocabulary_command(args) -> int:
     from jaxvpr.checkpoint import save_model
     from jaxvpr.data.format import list_images
+    from jaxvpr.data.images import set_truncated_mode
     from jaxvpr.evaluate import parse_resize
     from jaxvpr.models import build_model
 
+    set_truncated_mode(args.truncated_images, "--truncated-images")
     cfg, variables = _load_model(args)
     if cfg.head != "anyloc":
         raise ValueError(f"model {cfg.name!r} has head {cfg.head!r}; `vocabulary` needs an AnyLoc model")
@@ -376,6 +379,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="image/patch sampling, k-means init, random weights")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--truncated-images", choices=images.TRUNCATED_MODES, default=None,
+                   help="a truncated image: error, or pil (decoded as PIL does); default $JAXVPR_TRUNCATED_IMAGES or error")
     p.set_defaults(func=vocabulary_command)
     p = sub.add_parser("set-vocabulary", help="copy a checkpoint with other centres")
     p.add_argument("--checkpoint", required=True, help="jaxvpr checkpoint of an AnyLoc model")

@@ -60,7 +60,7 @@ from jaxvpr import cli
 from jaxvpr import evaluate as ev
 from jaxvpr import parallel
 from jaxvpr.data.format import SplitDataset, read_split
-from jaxvpr.data.images import ShorterSide
+from jaxvpr.data.images import TRUNCATED_MODES, ShorterSide, set_truncated_mode
 
 THESIS_THRESHOLDS = "1:5,10:30,25:60,1,10,25"
 MODEL_FIELDS = ("label", "method", "model", "checkpoint", "random_init", "seed", "resize", "queries_resize",
@@ -592,6 +592,9 @@ def main(argv=None) -> int:
                         help="N: a picture per query with its top-N predictions (at the first threshold)")
     parser.add_argument("--only-wrong", action="store_true", help="pictures only of queries wrong at R@1")
     parser.add_argument("--save-map", action="store_true", help="a map per model and dataset")
+    parser.add_argument("--truncated-images", choices=TRUNCATED_MODES, default=None,
+                        help="a truncated image: error, or pil (decoded as CosPlace's PIL does); "
+                             "default the config's truncated_images, else $JAXVPR_TRUNCATED_IMAGES or error")
     args = parser.parse_args(argv)
     cfg = load_config(args.config) if args.config else None
     models = [parse_model_spec(s) for s in args.model]
@@ -612,6 +615,8 @@ def main(argv=None) -> int:
 
         pictures = PictureOptions(num_predictions=save_predictions, only_wrong=args.only_wrong,
                                   save_map=args.save_map)
+    set_truncated_mode(args.truncated_images or (cfg.get("truncated_images") if cfg is not None else None),
+                       "--truncated-images" if args.truncated_images else "truncated_images")
     parallel.initialize()
     report = run_benchmark(models, datasets, thresholds, out, num_workers, pictures=pictures)
     if parallel.is_main_process():
