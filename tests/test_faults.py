@@ -2,12 +2,11 @@
 
     pytest tests/test_faults.py -n 0 -s      # alone: about 3 minutes on 2 cores (189 s measured)
 
-A short CosPlace + GRL run (10 times) and a short triplet run (5 times; more would not fit the
-budget) on random 48 px images are killed with SIGKILL at random moments: when a step's batch is
-due, right after a checkpoint's save returned (its files still being written in the background),
-inside Orbax's write of a checkpoint before the step folder gets its name, inside the write of a
-classifier part once its step is complete, and once from outside while a second run tries the same
-workdir (it must refuse). Once the disk fills during a save (the run must stop with a clear error and
+A short CosPlace + GRL run and a short triplet run on random 48 px images are each killed 10 times
+with SIGKILL at random moments: when a step's batch is due, right after a checkpoint's save returned
+(its files still being written in the background), inside Orbax's write of a checkpoint before the
+step folder gets its name, inside the write of a classifier part once its step is complete (CosPlace),
+and once from outside while a second run tries the same workdir (CosPlace; it must refuse). Once the disk fills during a save (the run must stop with a clear error and
 leave its last checkpoint loadable). Each time the run resumes from its workdir; at the end its
 parameters, classifiers and ``metrics.jsonl`` must be those of an uninterrupted run, bit for bit (CPU).
 
@@ -205,8 +204,8 @@ def test_cosplace_survives_ten_sigkills_a_full_disk_and_a_second_run(tiny_root, 
     assert {"lr", "classifiers_lr", "grl_lr", "grl_coeff", "steps_averaged"} <= set(steps[0])
 
 
-def test_triplet_survives_sigkills_with_its_mined_triplets(tiny_root, tmp_path, run_env):
-    plan = ["kill-at-step", "kill-in-write", "kill-after-save", "kill-at-step", "kill-in-write"]
+def test_triplet_survives_ten_sigkills_with_its_mined_triplets(tiny_root, tmp_path, run_env):
+    plan = ["kill-at-step", "kill-in-write", "kill-after-save"] * 3 + ["kill-at-step"]  # 10 kills
     random.Random(SEED + 1).shuffle(plan)
     straight, work, kills = fault_chain("helpers:tiny_triplet_config", tiny_triplet_config, 4, plan,
                                         tiny_root, tmp_path, run_env)
