@@ -173,6 +173,10 @@ def list_images(folder: str | os.PathLike, use_paths_file: bool = True) -> list[
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"Image folder {str(folder)!r} does not exist (or is not a folder).")
+    if _is_packed(folder):  # records in shards, no files to list
+        from jaxvpr.data import pack
+
+        raise pack.not_files_error(folder)
     list_file = images_paths_file(folder)
     if use_paths_file and list_file.exists():
         try:
@@ -236,14 +240,30 @@ class ImageFolder:
 
 
 def read_image_folder(folder: str | os.PathLike, use_paths_file: bool = True) -> ImageFolder:
-    """Lists and geotags the images of a folder. Errors name the folder, list file or image."""
+    """Lists and geotags the images of a folder. Errors name the folder, list file or image.
+
+    A packed folder (``python -m jaxvpr.data.pack``) gives a ``pack.PackedImageFolder``: the same
+    paths and geotags as its source folder, and images read from its shards."""
     folder = Path(folder)
+    if _is_packed(folder):
+        from jaxvpr.data import pack
+
+        return pack.read_packed(folder)
     paths = list_images(folder, use_paths_file=use_paths_file)
     try:
         utm, heading = parse_geotags(paths)
     except ImageNameError as e:  # the name is relative to the folder: say which folder
         raise ImageNameError(os.path.join(str(folder), e.path), e.field, e.reason) from None
     return ImageFolder(root=folder, paths=paths, utm=utm, heading=heading)
+
+
+def _is_packed(folder: Path) -> bool:
+    """Whether ``folder`` is a packed folder (``jaxvpr.data.pack``), detected by its index file."""
+    if not (folder / "index.json").is_file():
+        return False
+    from jaxvpr.data import pack
+
+    return pack.is_packed(folder)
 
 
 @dataclasses.dataclass

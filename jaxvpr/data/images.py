@@ -5,9 +5,10 @@ benchmark) see them after ``PIL.Image.open(path).convert("RGB")``, an optional
 ``torchvision.transforms.Resize`` on the PIL image, ``ToTensor`` and
 ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` -- except that arrays stay channels-last (H, W, 3).
 
-* :func:`load_image` decodes the whole file; an unreadable or corrupt file raises
-  :class:`CorruptImageError` naming it. A truncated file (SF-XL holds some truncated JPEGs) is an
-  error too, unless the decode mode ``truncated_images`` is ``"pil"``: then it decodes as PIL does
+* :func:`load_image` decodes the whole file (:func:`decode_image` the same bytes held in memory, e.g.
+  a record of a packed folder); an unreadable or corrupt file raises :class:`CorruptImageError`
+  naming it. A truncated file (SF-XL holds some truncated JPEGs) is an error too, unless the
+  decode mode ``truncated_images`` is ``"pil"``: then it decodes as PIL does
   with ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` -- what CosPlace sets, so the recalls compare with
   its published ones -- the part present in the file, the rest filled by the decoder (grey for a
   JPEG). The mode is an argument, else the process's ``$JAXVPR_TRUNCATED_IMAGES``
@@ -18,15 +19,22 @@ benchmark) see them after ``PIL.Image.open(path).convert("RGB")``, an optional
   float32 in the same order, so it agrees bit for bit.
 
 EXIF orientation tags are ignored, as in the anchors (``Image.open`` does not apply them).
+
+The pipelines read images through an :class:`ImageSource`, a sequence of image names with
+``load(i)``: :class:`FileImages` holds paths (a plain list of paths is one, see :func:`as_images`),
+``jaxvpr.data.pack.PackedImages`` the records of ArrayRecord shards.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
+import io
 import os
 import threading
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -143,24 +151,82 @@ def load_image(path: str, truncated: str | None = None) -> np.ndarray:
       CorruptImageError: the file is missing, empty, not an image, otherwise undecodable, or
         truncated in mode "error".
     """
+    return _decode(path, path, truncated)
+
+
+def decode_image(data: bytes, name: str, truncated: str | None = None) -> np.ndarray:
+    """:func:`load_image` of the bytes of an image file held in memory (same decoder, same modes and
+    errors); ``name`` is what a :class:`CorruptImageError` names."""
+    return _decode(io.BytesIO(data), name, truncated)
+
+
+def _decode(file: str | BinaryIO, name: str, truncated: str | None) -> np.ndarray:
     with _DECODE_GATE.mode(truncated_mode(truncated) == "pil"):
         try:
-            with Image.open(path) as img:
+            with Image.open(file) as img:
                 img.load()  # Forces the full decode: truncated data raises here (mode "error").
                 rgb = img.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
+            raise CorruptImageError(name, f"{type(e).__name__}: {e}") from e
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def image_size(path: str) -> tuple[int, int] | None:
-    """(height, width) of an image read from its header only (no decode); None if unreadable."""
+def image_size(path: str | BinaryIO) -> tuple[int, int] | None:
+    """(height, width) of an image (a path or an open file) read from its header only (no decode);
+    None if unreadable."""
     try:
         with Image.open(path) as img:
             width, height = img.size
     except (OSError, SyntaxError, ValueError):
         return None
     return height, width
+
+
+class ImageSource(Sequence):
+    """Images by row: ``source[i]`` is the name of image i (a path, for messages and logs),
+    ``load(i)`` decodes it as :func:`load_image` does, ``size(i)`` reads its header. A slice, and
+    ``take(rows)``, are sources of those rows. Sources pickle small: the pipelines' worker
+    processes receive them and read the images themselves."""
+
+    @abc.abstractmethod
+    def load(self, i: int, truncated: str | None = None) -> np.ndarray:
+        """Image i as uint8 (H, W, 3); raises :class:`CorruptImageError` naming it."""
+
+    @abc.abstractmethod
+    def size(self, i: int) -> tuple[int, int] | None:
+        """(height, width) of image i from its header; None if unreadable."""
+
+    @abc.abstractmethod
+    def take(self, rows: Sequence[int]) -> ImageSource:
+        """The source of images ``rows`` (in that order)."""
+
+
+class FileImages(ImageSource):
+    """Image files: ``paths[i]`` is image i."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return FileImages(self.paths[i]) if isinstance(i, slice) else self.paths[i]
+
+    def load(self, i: int, truncated: str | None = None) -> np.ndarray:
+        return load_image(self.paths[i], truncated)
+
+    def size(self, i: int) -> tuple[int, int] | None:
+        return image_size(self.paths[i])
+
+    def take(self, rows: Sequence[int]) -> FileImages:
+        return FileImages([self.paths[i] for i in rows])
+
+
+def as_images(paths: Sequence[str] | ImageSource) -> ImageSource:
+    """``paths`` itself if it is an :class:`ImageSource` (e.g. a packed folder's ``abs_paths()``),
+    else the files at ``paths``."""
+    return paths if isinstance(paths, ImageSource) else FileImages(paths)
 
 
 def output_size(spec: ResizeSpec, height: int, width: int) -> tuple[int, int]:

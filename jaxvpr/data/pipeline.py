@@ -26,6 +26,10 @@ ahead, overlapping the accelerator step); ``num_workers=N > 0`` starts N Grain w
 (``mp_prefetch``, spawn start method) that build whole batches round-robin; large arrays travel
 through shared memory.
 
+*Images.* ``paths`` arguments are image paths or any :class:`~jaxvpr.data.images.ImageSource`, e.g.
+the records of a packed folder (``read_image_folder(packed).abs_paths()``, :mod:`jaxvpr.data.pack`):
+image indices are rows of the source, and a worker process reads the shards itself.
+
 *Corrupt images.* Evaluation raises :class:`~jaxvpr.data.images.CorruptImageError` naming the file
 unless ``skip_corrupt=True`` (the row is marked invalid, the path counted and logged). Training
 never stops for one: the sampler offers a deterministic replacement (another image of the same
@@ -58,7 +62,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from jaxvpr.data.images import (CorruptImageError, ResizeSpec, ShorterSide, image_size, load_image, normalize,
+from jaxvpr.data.images import (CorruptImageError, ImageSource, ResizeSpec, ShorterSide, as_images, normalize,
                                 output_size, truncated_mode)
 from jaxvpr.data.images import resize as resize_image
 
@@ -248,7 +252,7 @@ class _TrainBatchBuilder:
     """step -> this process's rows of global batch ``step`` (a pure function; runs in workers)."""
 
     def __init__(self, paths, sampler, batch_size, augment_fn, seed, process_index, process_count, truncated=None):
-        self.paths = paths
+        self.images = as_images(paths)
         self.truncated = truncated_mode(truncated)
         self.sampler = sampler
         self.batch_size = batch_size
@@ -272,7 +276,7 @@ class _TrainBatchBuilder:
                 skipped.append(index)
                 continue
             try:
-                image = load_image(self.paths[index], self.truncated)
+                image = self.images.load(index, self.truncated)
             except CorruptImageError:
                 self._corrupt.add(index)
                 skipped.append(index)
@@ -280,9 +284,9 @@ class _TrainBatchBuilder:
             rng = _rng(self.seed, _TAG_AUGMENT, position)
             out = self.augment_fn(image, rng) if self.augment_fn is not None else normalize(image)
             return np.asarray(out, np.float32), label, index, skipped
-        shown = ", ".join(repr(str(self.paths[i])) for i in skipped[:5])
+        shown = ", ".join(repr(str(self.images[i])) for i in skipped[:5])
         raise CorruptImageError(
-            str(self.paths[skipped[0]]) if skipped else "<none>",
+            str(self.images[skipped[0]]) if skipped else "<none>",
             f"{len(skipped)} consecutive candidate images at training position {position} are corrupt "
             f"({shown}, ...): the dataset looks damaged",
         )
@@ -373,7 +377,7 @@ class TrainIterator(grain.DatasetIterator):
         for index in np.asarray(batch.pop("skipped")).tolist():
             if index not in self._skipped_indices:
                 self._skipped_indices.add(index)
-                path = str(self._builder.paths[index])
+                path = str(self._builder.images[index])
                 self.skipped_paths.append(path)
                 logger.warning("Skipping corrupt training image %s (replaced by another draw).", path)
         self._step += 1
@@ -413,7 +417,7 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def train_batches(
-    paths: Sequence[str],
+    paths: Sequence[str] | ImageSource,
     sampler: Sampler,
     batch_size: int,
     augment_fn: AugmentFn | None,
@@ -428,7 +432,8 @@ def train_batches(
     """Training batches of this process, a pure function of (seed, global step).
 
     Args:
-      paths: image paths, indexed by the sampler's image indices (any picklable sequence).
+      paths: image paths, indexed by the sampler's image indices (any picklable sequence), or an
+        :class:`~jaxvpr.data.images.ImageSource` (a packed folder's ``abs_paths()``).
       sampler: :class:`ClassBalancedSampler` or :class:`UniformSampler`.
       batch_size: the *global* batch size B; must be divisible by ``process_count``.
       augment_fn: ``(uint8 HWC image, np.random.Generator) -> float32 HWC`` normalised image,
@@ -479,7 +484,7 @@ class _EvalBatchBuilder:
     """
 
     def __init__(self, paths, batch_size, resize, skip_corrupt, transform=None, truncated=None):
-        self.paths = paths
+        self.images = as_images(paths)
         self.batch_size = batch_size
         self.resize = resize
         self.skip_corrupt = skip_corrupt
@@ -487,11 +492,11 @@ class _EvalBatchBuilder:
         self.truncated = truncated_mode(truncated)
 
     def __call__(self, b: int) -> dict[str, np.ndarray]:
-        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.paths))
+        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.images))
         images: list[np.ndarray | None] = []
         for i in range(lo, hi):
             try:
-                image = load_image(self.paths[i], self.truncated)
+                image = self.images.load(i, self.truncated)
             except CorruptImageError:
                 if not self.skip_corrupt:
                     raise
@@ -505,8 +510,8 @@ class _EvalBatchBuilder:
         if len(sizes) > 1:
             (s1, i1), (s2, i2) = [("x".join(map(str, s)), i) for s, i in list(sizes.items())[:2]]
             raise ImageSizeMismatchError(
-                f"Evaluation batch {b} mixes image sizes: {self.paths[i1]!r} is {s1} (HxW) "
-                f"but {self.paths[i2]!r} is {s2} (after resize={self.resize!r}). Use "
+                f"Evaluation batch {b} mixes image sizes: {self.images[i1]!r} is {s1} (HxW) "
+                f"but {self.images[i2]!r} is {s2} (after resize={self.resize!r}). Use "
                 "batch_size=1, a fixed resize=(H, W), or eval_batches_by_size() to batch equal sizes."
             )
         shape = next(iter(sizes), (1, 1))  # (1, 1): placeholder, the batch has no valid image.
@@ -545,7 +550,7 @@ class EvalIterator:
 
     def _run(self):
         for builder, original in self._segments:
-            num_batches = -(-len(builder.paths) // builder.batch_size)
+            num_batches = -(-len(builder.images) // builder.batch_size)
             self._inner = _grain_iterator(builder, 0, num_batches, self._num_workers)
             try:
                 for batch in self._inner:
@@ -553,7 +558,7 @@ class EvalIterator:
                     local = batch["index"]
                     bad = (local >= 0) & ~batch["valid"]
                     for i in local[bad].tolist():
-                        path = str(builder.paths[i])
+                        path = str(builder.images[i])
                         self.skipped_paths.append(path)
                         logger.warning("Skipping corrupt evaluation image %s.", path)
                     if not batch["valid"].any():
@@ -582,7 +587,7 @@ def _check_eval_args(paths, batch_size, num_workers):
 
 
 def eval_batches(
-    paths: Sequence[str],
+    paths: Sequence[str] | ImageSource,
     batch_size: int,
     resize: ResizeSpec = None,
     num_workers: int = 0,
@@ -612,21 +617,23 @@ def eval_batches(
     return EvalIterator([(builder, np.arange(len(paths)))], num_workers)
 
 
-def group_by_size(paths: Sequence[str], resize: ResizeSpec = None) -> dict[tuple[int, int] | None, np.ndarray]:
+def group_by_size(paths: Sequence[str] | ImageSource, resize: ResizeSpec = None
+                  ) -> dict[tuple[int, int] | None, np.ndarray]:
     """Indices of ``paths`` grouped by (H, W) after ``resize``, read from the file headers only.
 
     Groups are in order of first appearance, indices ascending; unreadable headers go to key None.
     """
+    images = as_images(paths)
     groups: dict[tuple[int, int] | None, list[int]] = {}
-    for i, path in enumerate(paths):
-        size = image_size(path)
+    for i in range(len(images)):
+        size = images.size(i)
         key = None if size is None else output_size(resize, *size)
         groups.setdefault(key, []).append(i)
     return {k: np.asarray(v, np.int64) for k, v in groups.items()}
 
 
 def eval_batches_by_size(
-    paths: Sequence[str],
+    paths: Sequence[str] | ImageSource,
     batch_size: int,
     resize: ResizeSpec = None,
     num_workers: int = 0,
@@ -646,8 +653,9 @@ def eval_batches_by_size(
     if transform is not None or (resize is not None and not isinstance(resize, (int, np.integer, ShorterSide))):
         return eval_batches(paths, batch_size, resize, num_workers, skip_corrupt, transform, truncated)  # One size.
     segments = []
-    for indices in group_by_size(paths, resize).values():
-        sub_paths = [paths[i] for i in indices]
+    images = as_images(paths)
+    for indices in group_by_size(images, resize).values():
+        sub_paths = images.take(indices)
         # A size group smaller than the batch is batched at its own size (one image is not padded to 32).
         segments.append((_EvalBatchBuilder(sub_paths, min(batch_size, len(sub_paths)), resize, skip_corrupt,
                                            truncated=truncated), indices))
