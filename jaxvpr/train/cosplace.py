@@ -8,11 +8,13 @@ The story of a run, top to bottom:
    (ColorJitter + RandomResizedCrop). With GRL, a second batch of ``target_batch_size`` unlabeled
    target images comes from ``data.target_folder``.
 2. model: a ``VPRModel`` (default ResNet-18 + GeM, 512-d), frozen stages excluded from the optimizer;
-   one CosFace classifier per group, kept in host memory except the group being trained. In the
-   train state the group's classifier is padded to one shape for every group (the largest group's
-   classes, rounded up to a multiple of the batch shards), so that the step compiles once and FSDP
-   (``mesh.shard_params``) splits every group's rows alike; the padding rows are masked out of the
-   softmax (``losses.cosface_loss(num_classes=)``).
+   one CosFace classifier per group, kept in host memory except the group being trained. Under FSDP
+   (``mesh.shard_params``) the group's classifier is padded in the train state to one shape for every
+   group (the largest group's classes, rounded up to a multiple of the batch shards), so that the step
+   compiles once and every group's rows split alike; the padding rows are masked out of the softmax
+   (``losses.cosface_loss(num_classes=)``). Without FSDP the classifier keeps its group's shape (the
+   step compiles once per distinct group size): a padded softmax sums in another order, and a
+   200-step demo run is sensitive to the last bit of its losses (README, "What the demo shows").
 3. the step: ``train_step(state, batch, grl_coeff, num_classes) -> (state, metrics)``, pure, jitted
    once with explicit shardings over the mesh (batch split over the data axis).
    loss = CosFace(source) + lambda * CE(discriminator(GRL(features of source[:8] and target)))
@@ -58,7 +60,7 @@ from jaxvpr.train.loop import (  # noqa: F401  (re-exported: the recipe's public
 @flax.struct.dataclass
 class TrainState:
     """Everything the step changes. ``classifier`` is the CosFace weight of the group being trained,
-    padded to ``CosPlaceTrainer.classifier_rows`` rows (``classifier_opt`` alike).
+    padded to ``CosPlaceTrainer.classifier_rows`` rows under FSDP (``classifier_opt`` alike).
 
     Checkpoints hold every group's classifier (unpadded) in the recipe's host parts, so the state's
     copy is not written twice (``not_checkpointed``).
@@ -119,6 +121,7 @@ def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
     (the rest is padding; None: all). ``aux = (batch_stats, metrics)``.
     """
     grl_on = bool(config.grl.enabled)
+    padded = bool(config.mesh.get("shard_params", False))  # padding rows to mask (CosPlaceTrainer.classifier_rows)
     n_src = int(config.grl.source_to_discriminator)
     weight = float(config.grl.weight)
     joint = bool(config.grl.joint_batchnorm)
@@ -142,7 +145,7 @@ def make_loss_fn(model, discriminator, config: ConfigDict, frozen=None):
             desc, feats, batch_stats = forward(params, batch_stats, batch["image"])
             if grl_on:
                 t_desc, t_feats, batch_stats = forward(params, batch_stats, batch["target_image"])
-        cosface = losses.cosface_loss(desc, classifier, batch["label"], s, m, num_classes)
+        cosface = losses.cosface_loss(desc, classifier, batch["label"], s, m, num_classes if padded else None)
         metrics = {"cosface_loss": cosface}
         total = cosface
         if grl_on:
@@ -258,9 +261,11 @@ class CosPlaceTrainer(Trainer):
         self.txs = None  # set from the initial parameters (make_optimizers)
         self.classifiers: list[dict] = []  # per group: weight, opt (Adam state), step (when it last changed)
         self.group = 0  # the group being trained (its classifier is in the state)
-        # One classifier shape for every group: the largest group, rounded up so that FSDP can split the rows.
+        # FSDP: one classifier shape for every group, the largest group rounded up so that its rows split
+        # over the batch shards. Otherwise each group's own shape (None): no padding, no mask.
         shards = parallel.num_batch_shards(self.mesh)
-        self.classifier_rows = -(-max(len(g) for g in self.data.groups) // shards) * shards
+        self.classifier_rows = (-(-max(len(g) for g in self.data.groups) // shards) * shards
+                                if config.mesh.shard_params else None)
         t, g = config.train, config.grl
         self.augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
             brightness=t.brightness, contrast=t.contrast, saturation=t.saturation, hue=t.hue,
@@ -379,13 +384,14 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     return CosPlaceTrainer(config, workdir).fit()
 
 
-def pad_classifier(group: dict, rows: int) -> tuple[jax.Array, Any]:
+def pad_classifier(group: dict, rows: int | None) -> tuple[jax.Array, Any]:
     """A group's classifier and Adam state with ``rows`` rows: its classes, then padding rows of ones
     (any non-zero row: a zero row's normalisation has a NaN gradient) with zero Adam moments. The
-    loss masks the padding, which so gets zero gradients, zero moments and no update."""
+    loss masks the padding, which so gets zero gradients, zero moments and no update. ``rows=None``:
+    as they are."""
     def pad(x, value):
         x = np.asarray(x)
-        if x.ndim != 2:  # Adam's step count
+        if x.ndim != 2 or rows is None:  # Adam's step count
             return jnp.asarray(x)
         return jnp.asarray(np.concatenate([x, np.full((rows - x.shape[0], x.shape[1]), value, x.dtype)]))
 
