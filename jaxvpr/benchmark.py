@@ -355,7 +355,7 @@ class DescriptorCache:
 def dataset_key(split: SplitDataset, dataset: DatasetEntry) -> str:
     """Hash of the split's folders and image lists (a changed folder describes again)."""
     return _hash({"split": str(dataset.split_dir), "queries": dataset.queries,
-                  "database": split.database.paths, "query_paths": split.queries.paths})
+                  "database": list(split.database.paths), "query_paths": list(split.queries.paths)})
 
 
 # ----------------------------------------------------------------------------- the run

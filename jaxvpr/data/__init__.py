@@ -5,11 +5,13 @@ from jaxvpr.data.format import (
     ImageFolder,
     ImageNameError,
     ImageRecord,
+    PathList,
     SplitDataset,
     aggregate_utm,
     list_images,
     parse_image_name,
     read_image_folder,
+    read_image_list,
     read_split,
 )
 from jaxvpr.data.positives import PositiveFinder, heading_difference, is_positive

@@ -24,7 +24,10 @@ Grain's Orbax handlers (``grain.checkpoint.CheckpointHandler``) can save and res
 *Workers.* ``num_workers=0`` builds batches in the calling process (one Grain prefetch thread reads
 ahead, overlapping the accelerator step); ``num_workers=N > 0`` starts N Grain worker *processes*
 (``mp_prefetch``, spawn start method) that build whole batches round-robin; large arrays travel
-through shared memory.
+through shared memory. Each worker is sent the pipeline's paths once, as a
+:class:`~jaxvpr.data.format.PathList` (one byte buffer and offsets; a list of str is converted),
+and a PathList read from an image-list cache as just the cache file's name, which every worker maps:
+SF-XL's 41M paths are not copied into each worker as Python strings.
 
 *Images.* ``paths`` arguments are image paths or any :class:`~jaxvpr.data.images.ImageSource`, e.g.
 the records of a packed folder (``read_image_folder(packed).abs_paths()``, :mod:`jaxvpr.data.pack`):
@@ -62,6 +65,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from jaxvpr.data.format import PathList
 from jaxvpr.data.images import (CorruptImageError, ImageSource, ResizeSpec, ShorterSide, as_images, normalize,
                                 output_size, truncated_mode)
 from jaxvpr.data.images import resize as resize_image
@@ -77,6 +81,16 @@ _TAG_AUGMENT = 3  # augmentation of the element at a position
 MAX_CORRUPT_RETRIES = 16
 
 AugmentFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _compact(paths: Sequence[str]) -> Sequence[str]:
+    """What a builder keeps, and so what each worker process is sent: a list or tuple of str as a
+    :class:`~jaxvpr.data.format.PathList` (one byte buffer + offsets, ~9 B per path beyond its
+    characters, instead of a Python str object each); a PathList mapped from an image-list cache
+    travels as the file's name. Any other sequence is kept as given."""
+    if isinstance(paths, (list, tuple)) and all(type(p) is str for p in paths):
+        return PathList.from_strings(paths)
+    return paths
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -252,7 +266,7 @@ class _TrainBatchBuilder:
     """step -> this process's rows of global batch ``step`` (a pure function; runs in workers)."""
 
     def __init__(self, paths, sampler, batch_size, augment_fn, seed, process_index, process_count, truncated=None):
-        self.images = as_images(paths)
+        self.images = as_images(_compact(paths))
         self.truncated = truncated_mode(truncated)
         self.sampler = sampler
         self.batch_size = batch_size
@@ -432,7 +446,8 @@ def train_batches(
     """Training batches of this process, a pure function of (seed, global step).
 
     Args:
-      paths: image paths, indexed by the sampler's image indices (any picklable sequence), or an
+      paths: image paths, indexed by the sampler's image indices (any picklable sequence; a
+        :class:`~jaxvpr.data.format.PathList`, e.g. ``ImageFolder.abs_paths()``, costs least), or an
         :class:`~jaxvpr.data.images.ImageSource` (a packed folder's ``abs_paths()``).
       sampler: :class:`ClassBalancedSampler` or :class:`UniformSampler`.
       batch_size: the *global* batch size B; must be divisible by ``process_count``.
@@ -484,7 +499,7 @@ class _EvalBatchBuilder:
     """
 
     def __init__(self, paths, batch_size, resize, skip_corrupt, transform=None, truncated=None):
-        self.images = as_images(paths)
+        self.images = as_images(_compact(paths))
         self.batch_size = batch_size
         self.resize = resize
         self.skip_corrupt = skip_corrupt
