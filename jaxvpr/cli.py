@@ -73,13 +73,25 @@ def report(error: BaseException) -> None:
 def _guarded(fn: Callable, debug: bool, extra: tuple[type, ...], *args):
     """``fn(*args)``; a user error is reported and gives 1 (re-raised with ``debug``)."""
     try:
-        return fn(*args)
+        status = fn(*args)
     except BaseException as e:
         error = user_error(e, extra)
         if error is None or debug:
             raise
         report(error)
         return 1
+    leave_distributed()
+    return status
+
+
+def leave_distributed() -> None:
+    """A finished multi-process run enters JAX's distributed shutdown barrier now, while the interpreter
+    is whole. Left to ``atexit``, process 0 can drop the coordination service while a peer is still
+    leaving Python, and the peer aborts (SIGABRT, "Terminating process because the JAX distributed
+    service detected fatal errors") after its work is done."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        jax.distributed.shutdown()
 
 
 def command(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:
