@@ -3,13 +3,17 @@
     python bench/pipeline.py                     # 200 JPEGs, 3 timed batches of 32, workers 0 and 2
     python bench/pipeline.py --batches 20 --rounds 3 --workers 0 2 4
 
-Both sides decode 512x512 JPEGs and apply CosPlace's training augmentation to every image --
+Each side decodes 512x512 JPEGs and applies CosPlace's training augmentation to every image --
 ColorJitter(brightness=0.7, contrast=0.7, saturation=0.7, hue=0.5), RandomResizedCrop(512,
 scale=(0.5, 1)), ImageNet Normalize -- then stack batches of ``--batch-size`` (32) float32 images:
 
 * jaxvpr: ``jaxvpr.data.pipeline.train_batches`` with a ``ClassBalancedSampler`` and
   ``jaxvpr.data.augment.cosplace_augment`` (numpy, NHWC), ``num_workers`` Grain worker processes
   (0: built in the calling process with one prefetch thread);
+* jaxvpr, device augmentation (``data.augment_on="device"``): the same pipeline with
+  ``jaxvpr.data.device_augment.host_decode`` (uint8 batches), then the jitted ``DeviceAugment``
+  on each batch (on this machine the device is the same CPU, so the two share its cores; with a
+  GPU the host does only the decode, whose rate the "host decode only" column gives);
 * PyTorch: a ``Dataset`` doing ``PIL.Image.open(...).convert("RGB")`` + ``torchvision.transforms``
   ``ToTensor, ColorJitter, RandomResizedCrop(antialias=True), Normalize`` on each image (NCHW),
   batched by ``torch.utils.data.DataLoader`` with the same ``num_workers`` and batch size (worker
@@ -84,6 +88,30 @@ def jaxvpr_batches(paths, batch_size: int, image_size: int, num_workers: int, se
     return (batch["image"] for batch in iterator), iterator
 
 
+def device_batches(paths, batch_size: int, image_size: int, num_workers: int, seed: int, augment_on_device=True):
+    """``data.augment_on="device"``: the host decodes (uint8 batches), the jitted DeviceAugment does
+    ColorJitter + RandomResizedCrop + Normalize (here on the CPU, the only device); without
+    ``augment_on_device`` the host's decode alone (what a GPU run asks of the host)."""
+    import jax
+
+    from jaxvpr.data.device_augment import DeviceAugment, host_decode, step_key
+    from jaxvpr.data.pipeline import ClassBalancedSampler, train_batches
+
+    classes = [list(range(i, min(i + 4, len(paths)))) for i in range(0, len(paths), 4)]
+    iterator = train_batches(paths, ClassBalancedSampler(classes), batch_size, host_decode, seed=seed,
+                             num_workers=num_workers)
+    augment = jax.jit(DeviceAugment(**JITTER, random_resized_crop=1.0 - CROP_SCALE[0], size=(image_size,) * 2))
+
+    def gen():
+        for step, batch in enumerate(iterator):
+            if augment_on_device:
+                yield jax.block_until_ready(augment(batch["image"], step_key(seed, step)))
+            else:
+                yield batch["image"]
+
+    return gen(), iterator
+
+
 # ----------------------------------------------------------------------------- PyTorch
 class TorchJpegs(torch.utils.data.Dataset):
     """Images ``paths[i % len(paths)]`` through ``transform``; ``length`` items."""
@@ -121,6 +149,8 @@ def run(side: str, paths, args, workers: int, seed: int) -> dict:
     warm = max(1, workers)
     if side == "jaxvpr":
         batches, closer = jaxvpr_batches(paths, args.batch_size, args.image_size, workers, seed)
+    elif side in ("device", "decode"):
+        batches, closer = device_batches(paths, args.batch_size, args.image_size, workers, seed, side == "device")
     else:
         batches, closer = torch_batches(paths, args.batch_size, args.image_size, workers, seed, warm + args.batches)
     t0 = time.perf_counter()
@@ -166,23 +196,26 @@ def main(argv=None):
               f"x {args.rounds} round(s) per configuration\n")
         rows = []
         for workers in args.workers:
-            results = {"jaxvpr": [], "torch": []}
+            results = {"jaxvpr": [], "torch": [], "device": [], "decode": []}
             for r in range(args.rounds):
-                order = ("jaxvpr", "torch") if r % 2 == 0 else ("torch", "jaxvpr")
+                order = ("jaxvpr", "torch", "device", "decode") if r % 2 == 0 else ("decode", "device", "torch", "jaxvpr")
                 for side in order:
                     print(f"... {side}, {workers} workers, round {r + 1}", file=sys.stderr, flush=True)
                     results[side].append(run(side, paths, args, workers, seed=r))
             rows.append((workers, results))
 
-    print("| workers | jaxvpr img/s | PyTorch img/s | jax/torch | jaxvpr first batch s | PyTorch first batch s "
-          "| batch mean / std (jaxvpr; PyTorch) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workers | jaxvpr host aug img/s | jaxvpr device aug img/s | host decode only img/s | PyTorch img/s "
+          "| host/torch | device/torch | jaxvpr first batch s | PyTorch first batch s "
+          "| batch mean / std (host; device; PyTorch) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for workers, res in rows:
-        j, t = median([x["rate"] for x in res["jaxvpr"]]), median([x["rate"] for x in res["torch"]])
+        rate = {k: median([x["rate"] for x in v]) for k, v in res.items()}
+        j, t, d = rate["jaxvpr"], rate["torch"], rate["device"]
         jf, tf = median([x["first_s"] for x in res["jaxvpr"]]), median([x["first_s"] for x in res["torch"]])
-        lj, lt = res["jaxvpr"][-1], res["torch"][-1]
-        print(f"| {workers} | {j:.1f} | {t:.1f} | {j / t:.2f} | {jf:.1f} | {tf:.1f} "
-              f"| {lj['mean']:.2f} / {lj['std']:.2f}; {lt['mean']:.2f} / {lt['std']:.2f} |")
+        lj, ld, lt = res["jaxvpr"][-1], res["device"][-1], res["torch"][-1]
+        print(f"| {workers} | {j:.1f} | {d:.1f} | {rate['decode']:.1f} | {t:.1f} | {j / t:.2f} | {d / t:.2f} "
+              f"| {jf:.1f} | {tf:.1f} | {lj['mean']:.2f} / {lj['std']:.2f}; {ld['mean']:.2f} / {ld['std']:.2f}; "
+              f"{lt['mean']:.2f} / {lt['std']:.2f} |")
     print(f"\nbatch shapes: jaxvpr {rows[0][1]['jaxvpr'][0]['shape']} (NHWC), "
           f"PyTorch {rows[0][1]['torch'][0]['shape']} (NCHW)")
     print(load_line())

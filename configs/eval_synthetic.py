@@ -18,5 +18,8 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict(dict(root="", synthetic_preset="small", synthetic_seed=0, image_size=128, num_workers=0,
                              test_split="images/test", test_queries="queries,queries_night", eval_resize=""))
     c.model = ConfigDict(dict(name="cosplace_resnet18_512", init_checkpoint=""))
-    c.eval = ConfigDict(dict(thresholds="25", angles="", batch_size=32, skip_corrupt=False, unreadable_queries="miss"))
+    c.eval = ConfigDict(dict(thresholds="25", angles="", batch_size=32, skip_corrupt=False, unreadable_queries="miss",
+                             # search (jaxvpr/search.py): "flat" is exact; e.g. "IVF4096,PQ64" approximate
+                             search_index="flat", nprobe=32, ef_search=128, faiss_gpu=False,
+                             descriptors_on_disk=False))  # True: streamed to the output folder (SF-XL scale)
     return c

@@ -21,6 +21,7 @@ Command line::
     python -m jaxvpr.evaluate ... --out results/ --save-predictions 5 --only-wrong --save-map  # pictures
     python -m jaxvpr.evaluate ... --resize 480,640 --test-method maj_voting --pca-dim 256  # VG test time
     python -m jaxvpr.evaluate ... --truncated-images pil --skip-corrupt  # SF-XL as CosPlace reads it
+    python -m jaxvpr.evaluate ... --descriptors-dir /scratch/sfxl --search-index IVF4096,PQ64  # SF-XL scale
 """
 
 from __future__ import annotations
@@ -32,32 +33,27 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import faiss
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvpr import parallel
+from jaxvpr import parallel, search
 from jaxvpr.data.format import ImageFolder, SplitDataset, read_split
 from jaxvpr.data.positives import PositiveFinder, is_positive
+from jaxvpr.search import DescriptorFile, SearchOptions
 
 RECALL_VALUES = (1, 5, 10, 20)
 UNREADABLE_QUERIES = ("miss", "exclude", "error")  # what an unreadable query counts as (module docstring)
 
 
 # ----------------------------------------------------------------------------- kNN and recall
-def knn(database: np.ndarray, queries: np.ndarray, k: int = max(RECALL_VALUES)) -> tuple[np.ndarray, np.ndarray]:
-    """Exact L2 nearest neighbours (FAISS IndexFlatL2): ``(squared distances, indices)``, each (Q, k).
-
-    When the database has fewer than ``k`` images, missing columns hold index -1.
+def knn(database: np.ndarray, queries: np.ndarray, k: int = max(RECALL_VALUES),
+        options: SearchOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact L2 nearest neighbours (FAISS's IndexFlatL2 search, without copying the database), or
+    an approximate index's (``options``, :mod:`jaxvpr.search`): ``(squared distances, indices)``,
+    each (Q, k). When the database has fewer than ``k`` images, missing columns hold index -1.
     """
-    database = np.ascontiguousarray(database, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
-        raise ValueError(f"Descriptors must be (N, D) with equal D: database {database.shape}, queries {queries.shape}")
-    index = faiss.IndexFlatL2(database.shape[1])
-    index.add(database)
-    return index.search(queries, k)
+    return search.knn(database, queries, k, options)
 
 
 def recalls_from_hits(hits: np.ndarray, recall_values: Sequence[int] = RECALL_VALUES) -> dict[str, float]:
@@ -215,7 +211,8 @@ class Describer:
 
 def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 32, resize=None,
                         num_workers: int = 0, skip_corrupt: bool = False, desc: str = "images",
-                        progress: bool = True, mixed_sizes: bool = False, transform=None) -> Descriptors:
+                        progress: bool = True, mixed_sizes: bool = False, transform=None,
+                        store: str | os.PathLike | None = None) -> Descriptors:
     """Descriptors of the images at ``paths`` (absolute), in order, batched with a padded last batch.
 
     With several processes, each describes one block of the paths and the blocks are gathered, so
@@ -225,6 +222,11 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
     distinct size); otherwise every batch must hold one size (a fixed ``resize`` guarantees it).
     A ``transform`` replaces resize and normalisation (``pipeline.eval_batches``); one that gives V
     views of each image (a test-time method's crops, ``jaxvpr.testtime``) makes ``values`` (N, V, D).
+
+    With ``store`` (a ``.npy`` path) the descriptors stream to that file batch by batch, written
+    once complete (atomically), and ``values`` is the file memory-mapped: an SF-XL database (2.8M x
+    512) is never held in the process's memory. With several processes the blocks are gathered into
+    it in row chunks; processes other than the first keep their copy in an unlinked file beside it.
     """
     from tqdm.auto import tqdm
 
@@ -234,34 +236,89 @@ def extract_descriptors(describe: Callable, paths: list[str], batch_size: int = 
     mine = paths[start:stop]
     values = None
     valid = np.zeros(per, dtype=bool)
+    single = jax.process_count() == 1
     if mine:
         make = pipeline.eval_batches_by_size if mixed_sizes else pipeline.eval_batches
         batches = make(mine, batch_size=batch_size, resize=resize, num_workers=num_workers, skip_corrupt=skip_corrupt,
                        transform=transform)
         show = progress and parallel.is_main_process()
-        with tqdm(total=len(mine), desc=f"describing {desc}", unit="img", disable=not show) as bar:
-            for batch in batches:
-                images = batch["image"]  # (B, H, W, 3), or (B, V, H, W, 3): views described together
-                out = describe(images.reshape((-1,) + images.shape[-3:]))
-                out = np.asarray(jax.device_get(out), dtype=np.float32)
-                out = out.reshape(images.shape[:-3] + out.shape[1:])
-                if values is None:
-                    values = np.zeros((per,) + out.shape[1:], dtype=np.float32)
-                keep = batch["valid"]
-                values[batch["index"][keep]] = out[keep]
-                valid[batch["index"][keep]] = True
-                bar.update(int((batch["index"] >= 0).sum()))
+        try:
+            with tqdm(total=len(mine), desc=f"describing {desc}", unit="img", disable=not show) as bar:
+                for batch in batches:
+                    images = batch["image"]  # (B, H, W, 3), or (B, V, H, W, 3): views described together
+                    out = describe(images.reshape((-1,) + images.shape[-3:]))
+                    out = np.asarray(jax.device_get(out), dtype=np.float32)
+                    out = out.reshape(images.shape[:-3] + out.shape[1:])
+                    if values is None:
+                        shape = (per,) + out.shape[1:]
+                        values = (np.zeros(shape, dtype=np.float32) if store is None else
+                                  DescriptorFile(store if single else _process_store(store, "block"), shape))
+                    keep = batch["valid"]
+                    values[batch["index"][keep]] = out[keep]
+                    valid[batch["index"][keep]] = True
+                    bar.update(int((batch["index"] >= 0).sum()))
+        except BaseException:
+            if isinstance(values, DescriptorFile):
+                values.discard()
+            raise
     # (views or 0, dim) of the descriptors, known to every process, also one that read no image.
     row_shape = (-1, -1) if values is None else ((0,) + values.shape[1:])[-2:]
     views, dim = parallel.gather_rows(np.array([row_shape]), jax.process_count()).max(axis=0)
     if dim < 0:
         raise ValueError(f"No image of {desc} could be read ({len(paths)} listed).")
-    if values is None:
-        values = np.zeros((per, views, dim) if views else (per, dim), dtype=np.float32)
-    values = parallel.gather_rows(values, len(paths))
+    row = (views, dim) if views else (dim,)
     valid = parallel.gather_rows(valid, len(paths))
+    if store is None:
+        if values is None:
+            values = np.zeros((per,) + row, dtype=np.float32)
+        values = parallel.gather_rows(values, len(paths))
+    else:
+        if values is None:  # this process read no image: an empty block of the right shape
+            values = DescriptorFile(_process_store(store, "block"), (per,) + row)
+        values = values.close()
+        values = np.load(values, mmap_mode="r") if single else _gather_store(values, store, len(paths), per, row)
     skipped = [paths[i] for i in np.flatnonzero(~valid)]
     return Descriptors(values, valid, skipped)
+
+
+def _process_store(store, what: str) -> Path:
+    """This process's file ``<store stem>.<what>.process<i>.npy`` beside ``store``."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.{what}.process{jax.process_index()}.npy")
+
+
+GATHER_ROWS = 65536  # rows of each process's block gathered at once into a descriptor file
+
+
+def _gather_store(block_path: Path, store, total: int, per: int, row: tuple) -> np.ndarray:
+    """Every process's block file -> the full descriptor file of every process (mapped), in row chunks."""
+    block = np.load(block_path, mmap_mode="r")
+    final = Path(store) if parallel.is_main_process() else _process_store(store, "all")
+    out = DescriptorFile(final, (total,) + row)
+    try:
+        for a in range(0, per, GATHER_ROWS):
+            chunk = np.asarray(block[a:a + GATHER_ROWS])
+            stacked = np.asarray(multihost_allgather(chunk))  # (processes, rows, ...)
+            for p, rows in enumerate(stacked):
+                first = p * per + a
+                rows = rows[:max(0, min(len(rows), total - first))]
+                out[np.arange(first, first + len(rows))] = rows
+    except BaseException:
+        out.discard()
+        raise
+    del block
+    block_path.unlink()
+    out.close()
+    mapped = np.load(final, mmap_mode="r")
+    if not parallel.is_main_process():  # a private copy: unlinked while mapped (freed when unmapped)
+        final.unlink()
+    return mapped
+
+
+def multihost_allgather(x: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x)
 
 
 def check_unreadable_queries(unreadable_queries: str) -> str:
@@ -274,7 +331,8 @@ def check_unreadable_queries(unreadable_queries: str) -> str:
 def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
                          thresholds: Sequence[Threshold], queries_folder: str = "queries",
                          test_method: str = "hard_resize", majority_weight: float = 0.01,
-                         unreadable_queries: str = "miss") -> tuple[dict, np.ndarray]:
+                         unreadable_queries: str = "miss",
+                         search_options: SearchOptions | None = None) -> tuple[dict, np.ndarray]:
     """results.json content and the top-K predictions (indices into the database), from descriptors.
 
     Skipped (unreadable) database images cannot be retrieved. Skipped queries have no predictions
@@ -282,7 +340,8 @@ def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
     recall's denominator, is every query; with ``"exclude"`` they are left out of the recall and of
     ``num_queries``. Either way they are counted in ``num_queries_skipped``. Crop descriptors
     (Q, 5, D) of nearest_crop and maj_voting are searched and merged as ``jaxvpr.testtime.search``
-    describes.
+    describes. ``search_options`` picks an approximate index or the GPU (:mod:`jaxvpr.search`; default
+    exact on the CPU), recorded in results.json as ``search``.
     """
     from jaxvpr import testtime
 
@@ -290,7 +349,10 @@ def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
     db_rows = np.flatnonzero(db.valid)
     q_rows = np.flatnonzero(q.valid)
     k = max(RECALL_VALUES)
-    _, found = testtime.search(db.values[db_rows], q.values[q_rows], k, test_method, majority_weight)
+    database = db.values if len(db_rows) == len(db.valid) else db.values[db_rows]  # no copy when all were read
+    queries = q.values if len(q_rows) == len(q.valid) else q.values[q_rows]
+    _, found = testtime.search(database, queries, k, test_method, majority_weight, search_options)
+    del database
     full_predictions = np.full((len(split.queries), k), -1, dtype=np.int64)
     full_predictions[q_rows] = np.where(found >= 0, db_rows[np.maximum(found, 0)], -1)
     counted = q_rows if unreadable_queries == "exclude" else np.arange(len(split.queries))
@@ -307,6 +369,8 @@ def evaluate_descriptors(split: SplitDataset, db: Descriptors, q: Descriptors,
     }
     if test_method == "maj_voting":
         results["majority_weight"] = majority_weight
+    if search_options is not None and (not search_options.is_exact() or search_options.gpu):
+        results["search"] = search_options.summary()
     if len(db.skipped_paths) or len(q.skipped_paths):
         results["num_database_skipped"] = len(db.skipped_paths)
         results["num_queries_skipped"] = len(q.skipped_paths)
@@ -321,7 +385,8 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
                    out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
                    progress: bool = True, pictures=None, test_method: str = "hard_resize",
                    majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None,
-                   unreadable_queries: str = "miss") -> dict:
+                   unreadable_queries: str = "miss", search_options: SearchOptions | None = None,
+                   descriptors_dir: str | os.PathLike | None = None) -> dict:
     """Describes the split's database and queries with ``describe`` and computes the results dict.
 
     ``skip_corrupt`` skips unreadable database (and PCA) images; ``unreadable_queries`` says what an
@@ -330,6 +395,9 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
     the VG benchmark's ways to describe and search queries (``jaxvpr.testtime``; the database always
     uses ``resize``). ``pca_dim`` projects all descriptors on the principal axes of the database's
     descriptors, or of the images of ``pca_folder`` (VG ``--pca_dim``, ``--pca_dataset_folder``).
+    ``search_options``: exact (default) or approximate search (:mod:`jaxvpr.search`). With
+    ``descriptors_dir`` the descriptors stream to ``database_descriptors.npy`` and
+    ``queries_descriptors.npy`` there and are searched memory-mapped (SF-XL scale), and are kept.
     """
     from jaxvpr import testtime
 
@@ -338,17 +406,20 @@ def evaluate_split(describe: Callable, split: SplitDataset, queries_folder: str 
     check_unreadable_queries(unreadable_queries)
     pca_paths = testtime.pca_folder_paths(pca_folder) if pca_dim and pca_folder else None
     start = time.time()
+    stores = ({} if descriptors_dir is None else
+              {w: Path(descriptors_dir) / f"{w}_descriptors.npy" for w in ("database", "queries")})
     db = extract_descriptors(describe, split.database.abs_paths(), batch_size, resize, num_workers,
-                             skip_corrupt, "database", progress)
+                             skip_corrupt, "database", progress, store=stores.get("database"))
     q = testtime.describe_queries(describe, split.queries.abs_paths(), test_method, q_resize, batch_size,
-                                  num_workers, unreadable_queries != "error", queries_folder, progress)
+                                  num_workers, unreadable_queries != "error", queries_folder, progress,
+                                  store=stores.get("queries"))
     if pca_dim:  # fitted once, applied to database and queries, not renormalised
-        pca = (testtime.fit_pca(db.values[db.valid], pca_dim) if pca_paths is None else
+        pca = (testtime.fit_pca(db.values, pca_dim, rows=np.flatnonzero(db.valid)) if pca_paths is None else
                testtime.fit_pca_on_images(describe, pca_paths, pca_dim, resize, batch_size, num_workers,
                                           skip_corrupt, progress))
         db, q = pca.project_descriptors(db), pca.project_descriptors(q)
     results, predictions = evaluate_descriptors(split, db, q, thresholds, queries_folder, test_method,
-                                                majority_weight, unreadable_queries)
+                                                majority_weight, unreadable_queries, search_options)
     if pca_dim:
         results["pca"] = pca.summary(pca_folder or "database")
     results["seconds"] = round(time.time() - start, 2)
@@ -389,18 +460,20 @@ def evaluate(model, variables, split_dir: str | os.PathLike, queries_folder: str
              out_dir: str | os.PathLike | None = None, save_descriptors: bool = False,
              progress: bool = True, pictures=None, test_method: str = "hard_resize",
              majority_weight: float = 0.01, pca_dim: int | None = None, pca_folder: str | None = None,
-             unreadable_queries: str = "miss") -> dict:
+             unreadable_queries: str = "miss", search_options: SearchOptions | None = None,
+             descriptors_dir: str | os.PathLike | None = None) -> dict:
     """Evaluates a model on ``<split_dir>/database`` vs ``<split_dir>/<queries_folder>``.
 
     Returns the results dict (see module docstring); with ``out_dir`` writes ``results.json`` there and,
     with ``save_descriptors``, the descriptors, top-20 predictions and the row order of each. See
-    :func:`evaluate_split` for unreadable images, the test-time method and the PCA.
+    :func:`evaluate_split` for unreadable images, the test-time method, the PCA and the search.
     """
     split = read_split(split_dir, queries_folder)
     return evaluate_split(Describer(model).bind(variables), split, queries_folder, thresholds, resize,
                           queries_resize, batch_size, num_workers, skip_corrupt, out_dir, save_descriptors,
                           progress, pictures, test_method=test_method, majority_weight=majority_weight,
-                          pca_dim=pca_dim, pca_folder=pca_folder, unreadable_queries=unreadable_queries)
+                          pca_dim=pca_dim, pca_folder=pca_folder, unreadable_queries=unreadable_queries,
+                          search_options=search_options, descriptors_dir=descriptors_dir)
 
 
 def write_results(out_dir, results: dict, split: SplitDataset, db: Descriptors, q: Descriptors,
@@ -409,8 +482,10 @@ def write_results(out_dir, results: dict, split: SplitDataset, db: Descriptors, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if save_descriptors:
-        atomic_save_npy(out_dir / "database_descriptors.npy", db.values)
-        atomic_save_npy(out_dir / "queries_descriptors.npy", q.values)
+        for name, values in (("database", db.values), ("queries", q.values)):
+            path = out_dir / f"{name}_descriptors.npy"
+            if not (isinstance(values, np.memmap) and path.exists() and path.samefile(values.filename)):
+                atomic_save_npy(path, values)  # (streamed there already with descriptors_dir = out_dir)
         atomic_save_npy(out_dir / "predictions.npy", predictions)
         atomic_write_text(out_dir / "database_paths.txt", "\n".join(split.database.paths) + "\n")
         atomic_write_text(out_dir / "queries_paths.txt", "\n".join(split.queries.paths) + "\n")
@@ -506,6 +581,8 @@ def main(argv):
         return 0
     if not FLAGS.dataset:
         raise SystemExit("--dataset SPLIT_DIR is required (the folder holding database/ and the queries folder).")
+    if FLAGS.faiss_gpu:
+        search._gpu_resources()  # no GPU FAISS: said before any extraction
     pictures = picture_options(FLAGS)
     set_truncated_mode(FLAGS.truncated_images, "--truncated-images")
     parallel.initialize()  # several processes split the extraction (launch/local_multiprocess.sh sets it up)
@@ -514,11 +591,13 @@ def main(argv):
     q_resize = "same" if FLAGS.queries_resize == "same" else parse_resize(FLAGS.queries_resize)
     split = read_split(FLAGS.dataset, FLAGS.queries)  # a wrong folder or image name fails before the model
     model, variables, _ = load_for_evaluation(FLAGS.checkpoint, FLAGS.model, FLAGS.random_init, FLAGS.seed)
+    search_options = SearchOptions(FLAGS.search_index, FLAGS.nprobe, FLAGS.ef_search, gpu=FLAGS.faiss_gpu)
     results = evaluate_split(Describer(model).bind(variables), split, FLAGS.queries, thresholds, resize,
                              q_resize, FLAGS.batch_size, FLAGS.num_workers, FLAGS.skip_corrupt, FLAGS.out,
                              FLAGS.save_descriptors, pictures=pictures, test_method=FLAGS.test_method,
                              majority_weight=FLAGS.majority_weight, pca_dim=FLAGS.pca_dim,
-                             pca_folder=FLAGS.pca_folder, unreadable_queries=FLAGS.unreadable_queries)
+                             pca_folder=FLAGS.pca_folder, unreadable_queries=FLAGS.unreadable_queries,
+                             search_options=search_options, descriptors_dir=FLAGS.descriptors_dir)
     if not parallel.is_main_process():
         return 0
     title = (f"{results['dataset']} / {results['queries_folder']}: {results['num_queries']} queries, "
@@ -566,6 +645,14 @@ def define_flags():
     flags.DEFINE_integer("pca_dim", None, "Project descriptors on this many principal axes (VG --pca_dim).")
     flags.DEFINE_string("pca_folder", None, "Fit the PCA on the images of this folder (VG --pca_dataset_folder) "
                         "instead of the database.")
+    flags.DEFINE_string("search_index", "flat", "'flat': exact L2 search (FAISS brute force, no copy of the "
+                        "database); or a FAISS index_factory string for approximate search, e.g. 'IVF4096,Flat', "
+                        "'IVF4096,PQ64', 'HNSW32' (jaxvpr/search.py; bench/knn_recall.py compares them).")
+    flags.DEFINE_integer("nprobe", 32, "IVF indexes: inverted lists visited per query.")
+    flags.DEFINE_integer("ef_search", 128, "HNSW indexes: search breadth.")
+    flags.DEFINE_boolean("faiss_gpu", False, "Search on the GPUs (needs faiss-gpu-cu12 in place of faiss-cpu).")
+    flags.DEFINE_string("descriptors_dir", None, "Stream descriptors to <dir>/{database,queries}_descriptors.npy "
+                        "and search them memory-mapped (an SF-XL database is never held in memory); kept.")
     flags.DEFINE_string("checkpoint", None, "A jaxvpr checkpoint (converted weights or a training workdir).")
     flags.DEFINE_string("model", None, "Model name (see --list_models) to evaluate with --random_init.")
     flags.DEFINE_boolean("random_init", False, "Use random weights for --model.")

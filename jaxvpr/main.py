@@ -40,10 +40,14 @@ def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
 
     The fields are the training recipes' (``model.init_checkpoint``, ``data.test_split``,
     ``data.test_queries``, ``data.eval_resize``, ``eval.*``): a training config's test set evaluates as is.
+    ``eval.search_index`` (``"flat"``: exact, or a FAISS factory string), ``eval.nprobe``,
+    ``eval.ef_search``, ``eval.faiss_gpu`` and ``eval.descriptors_on_disk`` (descriptors streamed to
+    the output folder and searched memory-mapped) are those of ``jaxvpr.search`` (SF-XL scale).
     """
     from jaxvpr import evaluate as ev
     from jaxvpr import parallel
     from jaxvpr.data import format as fmt
+    from jaxvpr.search import SearchOptions
 
     main = parallel.is_main_process()  # every process describes its share; process 0 reports
 
@@ -54,13 +58,16 @@ def run_evaluate(config: ConfigDict, workdir: Path) -> dict:
     thresholds = ev.parse_thresholds(config.eval.thresholds, config.eval.angles or None)
     resize = ev.parse_resize(config.data.eval_resize)
     split_dir = fmt.resolve_folder(root, config.data.test_split, "Test")
+    search = SearchOptions(config.eval.get("search_index", "flat"), config.eval.get("nprobe", 32),
+                           config.eval.get("ef_search", 128), gpu=config.eval.get("faiss_gpu", False))
     all_results = {}
     for queries in [q for q in str(config.data.test_queries).split(",") if q]:
         out = workdir / split_dir.name / queries
         res = ev.evaluate(model, variables, split_dir, queries, thresholds, resize,
                           batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
                           skip_corrupt=config.eval.skip_corrupt, out_dir=out,
-                          unreadable_queries=config.eval.unreadable_queries)
+                          unreadable_queries=config.eval.unreadable_queries, search_options=search,
+                          descriptors_dir=out if config.eval.get("descriptors_on_disk", False) else None)
         if main:
             print(ev.format_table(res["results"], f"\n{split_dir.name}/{queries}: {res['num_queries']} queries, "
                                                   f"{res['num_database']} database images"))

@@ -66,6 +66,7 @@ TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "ne
 CROP_SEARCH_METHODS = ("nearest_crop", "maj_voting")  # the five crops are searched one by one
 VOTING_WINDOWS = (1, 5, 10)  # top-n windows of maj_voting, applied in this order
 PCA_MAX_IMAGES = 2**14  # images whose descriptors fit the PCA (VG util.compute_pca)
+PCA_BLOCK = 2**16  # descriptor rows projected at once
 
 
 # ----------------------------------------------------------------------------- query images
@@ -176,15 +177,16 @@ def query_preparation(test_method: str, resize) -> QueryPreparation:
 
 def describe_queries(describe: Callable, paths: list[str], test_method: str = "hard_resize", resize=None,
                      batch_size: int = 32, num_workers: int = 0, skip_corrupt: bool = False,
-                     desc: str = "queries", progress: bool = True) -> Descriptors:
+                     desc: str = "queries", progress: bool = True, store=None) -> Descriptors:
     """Query descriptors under ``test_method``: (Q, D), or (Q, 5, D) for nearest_crop and maj_voting.
 
     five_crops returns the mean of the five crop descriptors (VG ``test.py``: ``features.mean``), not
-    renormalised. With several processes each describes its share (``extract_descriptors``).
+    renormalised. With several processes each describes its share (``extract_descriptors``), and
+    ``store`` streams them to a ``.npy`` file (the crops' mean of five_crops is held in memory).
     """
     prep = query_preparation(test_method, resize)
     q = extract_descriptors(describe, paths, batch_size, prep.resize, num_workers, skip_corrupt, desc, progress,
-                            mixed_sizes=prep.mixed_sizes, transform=prep.transform)
+                            mixed_sizes=prep.mixed_sizes, transform=prep.transform, store=store)
     if test_method == "five_crops":
         q = dataclasses.replace(q, values=q.values.mean(axis=1))
     return q
@@ -237,16 +239,17 @@ def merge_crop_predictions(distances: np.ndarray, indices: np.ndarray, test_meth
 
 
 def search(database: np.ndarray, queries: np.ndarray, k: int = 20, test_method: str = "hard_resize",
-           majority_weight: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Exact L2 search ``(squared distances, indices)`` (Q, k); crop descriptors (Q, crops, D) are
+           majority_weight: float = 0.01, options=None) -> tuple[np.ndarray, np.ndarray]:
+    """L2 search ``(squared distances, indices)`` (Q, k), exact unless ``options`` (a
+    :class:`jaxvpr.search.SearchOptions`) says otherwise; crop descriptors (Q, crops, D) are
     searched crop by crop (top ``k`` each) and merged by :func:`merge_crop_predictions`."""
     if queries.ndim == 2 and test_method not in CROP_SEARCH_METHODS:
-        return knn(database, queries, k)
+        return knn(database, queries, k, options)
     if queries.ndim != 3 or test_method not in CROP_SEARCH_METHODS:
         raise ValueError(f"Query descriptors of shape {queries.shape} do not fit test method {test_method!r}: "
                          f"{', '.join(CROP_SEARCH_METHODS)} search (queries, crops, D), the others (queries, D).")
     num_queries, crops, dim = queries.shape
-    d, i = knn(database, queries.reshape(num_queries * crops, dim), k)
+    d, i = knn(database, queries.reshape(num_queries * crops, dim), k, options)
     return merge_crop_predictions(d.reshape(num_queries, crops, k), i.reshape(num_queries, crops, k),
                                   test_method, majority_weight, k)
 
@@ -273,7 +276,13 @@ class PCA:
         return ((np.asarray(x, np.float64) - self.mean) @ self.components.T).astype(np.float32)
 
     def project_descriptors(self, descriptors: Descriptors) -> Descriptors:
-        return dataclasses.replace(descriptors, values=self.project(descriptors.values))
+        """The projected descriptors, computed in row blocks (a memory-mapped SF-XL database is
+        never converted to float64 whole)."""
+        x = descriptors.values
+        out = np.empty(x.shape[:-1] + (len(self.components),), np.float32)
+        for a in range(0, len(x), PCA_BLOCK):
+            out[a:a + PCA_BLOCK] = self.project(x[a:a + PCA_BLOCK])
+        return dataclasses.replace(descriptors, values=out)
 
     def summary(self, fit_on: str) -> dict:
         """What results.json records of the PCA."""
@@ -281,18 +290,23 @@ class PCA:
                 "explained_variance": float(self.explained_variance_ratio.sum())}
 
 
-def fit_pca(descriptors: np.ndarray, dim: int, max_samples: int = PCA_MAX_IMAGES, seed: int = 0) -> PCA:
-    """Principal axes of up to ``max_samples`` rows of ``descriptors`` (N, D), a seeded random subset.
+def fit_pca(descriptors: np.ndarray, dim: int, max_samples: int = PCA_MAX_IMAGES, seed: int = 0,
+            rows: np.ndarray | None = None) -> PCA:
+    """Principal axes of up to ``max_samples`` rows of ``descriptors`` (N, D), a seeded random subset
+    (of ``rows`` when given, e.g. the images that could be read); only the subset is copied.
 
     Exact SVD of the centred float64 rows (sklearn ``PCA(dim, svd_solver="full")``, up to the sign of
     each axis, which no distance sees).
     """
+    if rows is not None or len(descriptors) > max_samples:
+        rows = np.arange(len(descriptors)) if rows is None else np.asarray(rows)
+        if len(rows) > max_samples:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, max_samples, replace=False))
+        descriptors = descriptors[rows]
     x = np.asarray(descriptors, np.float64)
     if x.ndim != 2 or not 1 <= dim <= min(x.shape):
         raise ValueError(f"PCA to {dim} dimensions needs at least {dim} descriptors of at least {dim} "
                          f"dimensions; got {x.shape}.")
-    if len(x) > max_samples:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_samples, replace=False))]
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     variance = s**2

@@ -160,6 +160,18 @@ def test_cli_on_the_synthetic_city_writes_results_and_descriptors(tiny_city, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     recipe = json.loads((work / "results.json").read_text())["queries_night"]
     assert recipe["results"] == res["results"] and (work / "test" / "queries_night").is_dir()
+    # ... and with the descriptors streamed to disk and an IVF index visiting every list: the same
+    r = subprocess.run([sys.executable, "-m", "jaxvpr.main", "--config", "configs/eval_synthetic.py",
+                        "--workdir", str(tmp_path / "ivf"), f"--config.data.root={tiny_city}",
+                        "--config.data.test_queries=queries_night", "--config.eval.thresholds=10,25,25",
+                        "--config.eval.angles=-,-,60", "--config.eval.batch_size=64",
+                        "--config.eval.descriptors_on_disk=True", "--config.eval.search_index=IVF4,Flat",
+                        "--config.eval.nprobe=4"], capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ivf = json.loads((tmp_path / "ivf" / "results.json").read_text())["queries_night"]
+    assert ivf["results"] == res["results"] and ivf["search"]["index"] == "IVF4,Flat"
+    np.testing.assert_allclose(np.load(tmp_path / "ivf" / "test" / "queries_night" / "database_descriptors.npy"), db,
+                               rtol=1e-5, atol=1e-6)
     # The evaluation-only schema of earlier versions is refused with the new name beside it.
     r = subprocess.run([sys.executable, "-m", "jaxvpr.main", "--config", "configs/eval_synthetic.py",
                         "--workdir", str(work), "--config.model.checkpoint=x"],

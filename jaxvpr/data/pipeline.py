@@ -296,8 +296,9 @@ class _TrainBatchBuilder:
                 skipped.append(index)
                 continue
             rng = _rng(self.seed, _TAG_AUGMENT, position)
-            out = self.augment_fn(image, rng) if self.augment_fn is not None else normalize(image)
-            return np.asarray(out, np.float32), label, index, skipped
+            out = np.asarray(self.augment_fn(image, rng) if self.augment_fn is not None else normalize(image))
+            # uint8 stays uint8: images to be augmented on the device (jaxvpr.data.device_augment)
+            return (out if out.dtype == np.uint8 else out.astype(np.float32, copy=False)), label, index, skipped
         shown = ", ".join(repr(str(self.images[i])) for i in skipped[:5])
         raise CorruptImageError(
             str(self.images[skipped[0]]) if skipped else "<none>",
@@ -453,7 +454,9 @@ def train_batches(
       batch_size: the *global* batch size B; must be divisible by ``process_count``.
       augment_fn: ``(uint8 HWC image, np.random.Generator) -> float32 HWC`` normalised image,
         e.g. ``functools.partial(cosplace_augment, cfg=config.augmentation)``; None = only
-        ImageNet normalisation (images must then share one size).
+        ImageNet normalisation (images must then share one size). One that returns uint8 (e.g.
+        :func:`jaxvpr.data.device_augment.host_decode`) gives uint8 batches, to be augmented on the
+        device.
       seed: non-negative int. Use a different seed per epoch/group (e.g. ``seed * 1000 + epoch``)
         if epochs restart at step 0.
       start_step: global step of the first batch (resume).

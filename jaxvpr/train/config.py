@@ -38,6 +38,10 @@ def cosplace_config() -> ConfigDict:
     c.data.num_workers = 2
     c.data.truncated_images = "error"  # "pil": a truncated JPEG decodes as PIL with LOAD_TRUNCATED_IMAGES (CosPlace)
     c.data.cache_dir = ""              # CosPlace groups cache; default <workdir>/cache
+    # Where the training augmentation runs: "host" (Grain workers, numpy) or "device" (ColorJitter and
+    # RandomResizedCrop inside the jitted step, jaxvpr/data/device_augment.py; the host only decodes).
+    c.data.augment_on = "host"
+    c.data.load_size = ""              # augment_on="device": "H,W" host resize of images of other sizes
 
     c.model = ConfigDict()
     c.model.name = "cosplace_resnet18_512"  # a registry name (python -m jaxvpr.evaluate --list-models)

@@ -46,6 +46,7 @@ from jaxvpr import parallel
 from jaxvpr.data import format as fmt
 from jaxvpr.data import pipeline
 from jaxvpr.data.augment import cosplace_augment
+from jaxvpr.data.device_augment import AUGMENT_ON, DeviceAugment, host_decode, parse_load_size, step_key
 from jaxvpr.data.cosplace import cached_group_classes, check_groups_num
 from jaxvpr.models import feature_dim, frozen_mask
 from jaxvpr.models.discriminator import DomainDiscriminator
@@ -185,10 +186,13 @@ def make_train_step(model, discriminator, txs, config: ConfigDict, frozen=None):
     model_tx, cls_tx, disc_tx = txs
     grl_on = bool(config.grl.enabled)
     loss_fn = make_loss_fn(model, discriminator, config, frozen)
+    augment = device_augmentation(config)
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
 
     def train_step(state: TrainState, batch: dict, grl_coeff: jax.Array, num_classes: jax.Array | None = None):
+        if augment is not None:  # uint8 batches: augmented here, keyed by the step
+            batch = augment(batch, state.step)
         (g_params, g_cls, g_disc), (batch_stats, metrics) = grad_fn(
             state.params, state.classifier, state.disc_params, state.batch_stats, batch, grl_coeff, num_classes)
         updates, opt_state = model_tx.update(g_params, state.opt_state, state.params)
@@ -208,6 +212,29 @@ def make_train_step(model, discriminator, txs, config: ConfigDict, frozen=None):
         return new, metrics
 
     return train_step
+
+
+def device_augmentation(config: ConfigDict):
+    """``(batch, step) -> batch`` augmenting uint8 ``image`` (and ``target_image``) on the device as the
+    host's ``cosplace_augment`` would (``data.augment_on="device"``); None when the host augments."""
+    on = config.data.get("augment_on", "host")
+    if on not in AUGMENT_ON:
+        raise ValueError(f"data.augment_on={on!r}: expected one of {AUGMENT_ON}.")
+    if on == "host":
+        return None
+    t, g, size = config.train, config.grl, (int(config.data.image_size),) * 2
+    source = DeviceAugment(t.brightness, t.contrast, t.saturation, t.hue, t.random_resized_crop, size)
+    target = DeviceAugment(g.target_brightness, g.target_contrast, g.target_saturation, g.target_hue,
+                           g.target_random_resized_crop, size)
+    seed = int(config.seed)
+
+    def augment(batch: dict, step) -> dict:
+        out = dict(batch, image=source(batch["image"], step_key(seed, step, 0)))
+        if "target_image" in batch:
+            out["target_image"] = target(batch["target_image"], step_key(seed, step, 1))
+        return out
+
+    return augment
 
 
 # ----------------------------------------------------------------------------- data
@@ -267,6 +294,10 @@ class CosPlaceTrainer(Trainer):
         self.classifier_rows = (-(-max(len(g) for g in self.data.groups) // shards) * shards
                                 if config.mesh.shard_params else None)
         t, g = config.train, config.grl
+        if device_augmentation(config) is not None:  # the host decodes; the step augments
+            self.augment = self.target_augment = functools.partial(
+                host_decode, size=parse_load_size(config.data.get("load_size", "")))
+            return
         self.augment = functools.partial(cosplace_augment, cfg=ConfigDict(dict(
             brightness=t.brightness, contrast=t.contrast, saturation=t.saturation, hue=t.hue,
             random_resized_crop=t.random_resized_crop, image_size=config.data.image_size)))
