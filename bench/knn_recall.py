@@ -13,7 +13,9 @@ index's loss of recall is measured against it. They are written once, streamed i
 
 Each search runs in its own process (peak memory is per process): ``IndexFlatL2`` is the search
 jaxvpr used before (the database copied into the index, ~2x the matrix); ``flat`` is jaxvpr's exact
-search now (FAISS brute force on the memory-mapped matrix, no copy); the others are FAISS
+search now (FAISS brute force on the matrix, no copy) of descriptors held in memory, ``flat-mmap``
+the same on the memory-mapped file (``--descriptors-dir``); the approximate indexes read the
+memory-mapped file too (their build copies it into the index); the others are FAISS
 index_factory strings with ``--nprobe``/``--ef-search``. Columns: build and search seconds, recall
 @1/5/10/20 at 25 m, the change of R@1 against exact search, the share of queries whose top-1 is the
 exact top-1, the process's peak resident memory from the search's start (Linux VmHWM reset by
@@ -108,7 +110,10 @@ def run_one(folder: Path, index: str, nprobe: int, ef_search: int, k: int = 20) 
         idx = faiss.IndexFlatL2(db.shape[1])
         idx.add(db)
         search = lambda x: idx.search(x, k)[1]
-    elif index == "flat":  # jaxvpr's exact search: nothing to build
+    elif index == "flat":  # jaxvpr's exact search of descriptors held in memory: nothing to build
+        db = np.load(folder / "database.npy")
+        search = lambda x: knn(db, x, k)[1]
+    elif index == "flat-mmap":  # ... of descriptors streamed to disk (--descriptors-dir), memory-mapped
         search = lambda x: knn(db, x, k)[1]
     else:
         idx = build_index(db, SearchOptions(index, nprobe, ef_search))
@@ -133,7 +138,7 @@ def main():
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--noise", type=float, default=1.0, help="per-image noise of each feature (queries: 2x); "
                         "1.0 gives an exact R@1 near 60%%")
-    parser.add_argument("--indexes", default="IndexFlatL2;flat;IVF1024,Flat;IVF1024,PQ64x4fs",
+    parser.add_argument("--indexes", default="IndexFlatL2;flat;flat-mmap;IVF1024,Flat;IVF1024,PQ64x4fs",
                         help="searches separated by ';' (a FAISS factory string holds commas)")
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--ef-search", type=int, default=128)
@@ -165,7 +170,7 @@ def main():
             print(f"{index}: failed\n{out.stderr[-2000:]}")
             continue
         r = json.loads(line[0][len("RESULT "):])
-        if index in ("flat", "IndexFlatL2") and exact is None:
+        if index in ("flat", "flat-mmap", "IndexFlatL2") and exact is None:
             exact = r
         rows.append(r)
     print("\n| search | build s | search s | R@1 | R@5 | R@10 | R@20 | ΔR@1 vs exact | same top-1 | peak GiB "

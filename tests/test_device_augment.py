@@ -17,24 +17,7 @@ from jaxvpr.data import device_augment as da
 torch = pytest.importorskip("torch")
 TF = pytest.importorskip("torchvision.transforms.functional")
 
-
-def _image(seed, h=37, w=53):
-    rng = np.random.default_rng(seed)
-    img = rng.random((h, w, 3), dtype=np.float32)
-    img[0, :6] = 0.5  # grey: hue undefined
-    img[1, :6] = 1.0
-    img[2, :6] = 0.0
-    img[3, :10] = np.round(img[3, :10] * 4) / 4  # ties between channels
-    img[4, :10, 1] = img[4, :10, 0]
-    return img
-
-
-def _t(img):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
-
-
-def _np(t):
-    return t.permute(1, 2, 0).numpy()
+from test_augment import _image, _np, _t  # noqa: E402  (the same test images and layouts)
 
 
 @pytest.mark.parametrize("op, theirs, factors", [

@@ -248,6 +248,25 @@ def test_cache_is_used_when_valid_and_read_again_when_the_list_changes(names, tm
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no cache was found damaged
 
 
+def test_a_killed_writers_temporary_cache_file_is_removed_by_the_next_writer(names, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("JAXVPR_CACHE", str(tmp_path / "user_cache"))
+    folder, list_file = write_listed_folder(tmp_path, names[:50])
+    cache = fmt.image_list_caches(list_file)[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname().replace("-", "_")
+    left = tmp_path / (fmt._temp_prefix(cache, host, int(dead.stdout)) + "x1")  # SIGKILLed mid-write
+    running = tmp_path / (fmt._temp_prefix(cache, host, os.getpid()) + "x2")  # being written by a live process
+    other = tmp_path / (fmt._temp_prefix(cache, "otherhost", int(dead.stdout)) + "x3")  # another host's (shared disk)
+    for f in (left, running, other):
+        f.write_bytes(b"partial")
+    assert fmt.read_image_folder(folder).paths == names[:50] and cache.exists()
+    assert not left.exists() and running.exists() and other.exists()
+
+
 def test_grain_workers_map_the_cached_paths(tmp_path, monkeypatch):
     """Training batches from a listed folder: workers get the cache file's name, batches are the same."""
     monkeypatch.setenv("JAXVPR_CACHE", str(tmp_path / "user_cache"))

@@ -9,6 +9,7 @@ layout parsed here from its specification, and the pipelines run over the source
 import dataclasses
 import io
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -112,6 +113,23 @@ def test_images_source_names_slices_and_sizes(packed):
     taken = part.take([6, 0])
     assert list(taken) == [names[11], names[5]]
     assert taken.size(0) == (32, 40)
+
+
+def test_packed_and_file_folders_concatenated_as_one_source(packed):
+    """A triplet or AdAGeo training set (database then queries) over packed and plain folders alike."""
+    files, shards = packed["folder"].abs_paths(), packed["packed"].abs_paths()
+    both = images.ConcatImages([shards, files])  # rows 0..N-1 packed, N..2N-1 files
+    assert len(both) == 2 * N and both[N] == files[0] and both[-1] == files[-1] and both[N - 1] == shards[-1]
+    rows = [2 * N - 1, 3, N + 4, 0]
+    taken = both.take(rows)
+    assert list(taken) == [both[r] for r in rows] and taken[1:3].take([1])[0] == both[N + 4]
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(taken.load(i), images.load_image(files[r % N]))
+        assert taken.size(i) == (32, 40)
+    with pytest.raises(IndexError):
+        both[2 * N]
+    restored = pickle.loads(pickle.dumps(taken))  # as sent to Grain workers
+    np.testing.assert_array_equal(restored.load(2), taken.load(2))
 
 
 # ----------------------------------------------------------------------------- (b) the pipelines

@@ -30,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
 import operator
 import os
+import socket
 import struct
 import tempfile
 import zlib
@@ -714,13 +716,38 @@ class _MemorySink:
         return paths, np.concatenate(utms), np.concatenate(headings), None
 
 
+def _temp_prefix(path: Path, host: str, pid: int) -> str:
+    return f"{path.name}.tmp-{host}-{pid}-"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Deletes the temporary cache files of killed writers on this host (its pid no longer runs): a
+    SIGKILL mid-write cannot clean up, the next writer does. Other hosts' files (a shared disk) are left."""
+    host = socket.gethostname().replace("-", "_")
+    for tmp in path.parent.glob(glob.escape(f"{path.name}.tmp-{host}-") + "*"):
+        pid = tmp.name[len(f"{path.name}.tmp-{host}-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                logger.info("Removed %s, left by a killed image-list cache writer.", tmp)
+        except OSError:
+            pass  # it runs (as another user)
+
+
 class _CacheSink:
-    """Writes an image-list cache file under a temporary name; ``finish`` renames it into place."""
+    """Writes an image-list cache file under a temporary name (host and pid in it); ``finish`` renames
+    it into place. Temporary files of killed writers are removed first (:func:`_remove_stale_temps`)."""
 
     def __init__(self, path: Path):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+            _remove_stale_temps(path)
+            prefix = _temp_prefix(path, socket.gethostname().replace("-", "_"), os.getpid())
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
         except OSError as e:
             raise _SinkFailed(e) from e
         self.path, self.tmp, self.file = path, Path(tmp), os.fdopen(fd, "wb")

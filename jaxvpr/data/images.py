@@ -223,6 +223,65 @@ class FileImages(ImageSource):
         return FileImages([self.paths[i] for i in rows])
 
 
+class ImageRows(ImageSource):
+    """Rows ``rows`` of another source, in that order (a view: nothing is copied or re-listed)."""
+
+    def __init__(self, source: ImageSource, rows: Sequence[int]):
+        self.source = source
+        self.rows = np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.take(range(*i.indices(len(self)))) if isinstance(i, slice) else self.source[int(self.rows[i])]
+
+    def load(self, i: int, truncated: str | None = None) -> np.ndarray:
+        return self.source.load(int(self.rows[i]), truncated)
+
+    def size(self, i: int) -> tuple[int, int] | None:
+        return self.source.size(int(self.rows[i]))
+
+    def take(self, rows: Sequence[int]) -> ImageRows:
+        return ImageRows(self.source, self.rows[np.asarray(rows, np.int64)])
+
+
+class ConcatImages(ImageSource):
+    """Several sources one after the other (e.g. a training set's database folders then its query
+    folders, image files or packed shards alike), indexed by one row number."""
+
+    def __init__(self, sources: Sequence[Sequence[str] | ImageSource]):
+        self.sources = [as_images(s) for s in sources]
+        self._ends = np.cumsum([len(s) for s in self.sources], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def _locate(self, i: int) -> tuple[ImageSource, int]:
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        return self.sources[k], i - (int(self._ends[k - 1]) if k else 0)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        source, j = self._locate(i)
+        return source[j]
+
+    def load(self, i: int, truncated: str | None = None) -> np.ndarray:
+        source, j = self._locate(i)
+        return source.load(j, truncated)
+
+    def size(self, i: int) -> tuple[int, int] | None:
+        source, j = self._locate(i)
+        return source.size(j)
+
+    def take(self, rows: Sequence[int]) -> ImageRows:
+        return ImageRows(self, rows)
+
+
 def as_images(paths: Sequence[str] | ImageSource) -> ImageSource:
     """``paths`` itself if it is an :class:`ImageSource` (e.g. a packed folder's ``abs_paths()``),
     else the files at ``paths``."""

@@ -53,6 +53,7 @@ from jaxvpr import evaluate as ev
 from jaxvpr.data import format as fmt
 from jaxvpr.data import pipeline
 from jaxvpr.data.augment import grl_augment
+from jaxvpr.data.images import ConcatImages
 from jaxvpr.models import feature_dim
 from jaxvpr.models.discriminator import DomainDiscriminator
 from jaxvpr.models.grl import grl_coefficient
@@ -214,7 +215,7 @@ class AdAGeoTrainer(TripletTrainer):
         q_utm = np.concatenate([f.utm for f in folders])
         positives = triplet_positives(t, split.database.utm, q_utm, split.database.heading,
                                       np.concatenate([f.heading for f in folders]))
-        paths = split.database.abs_paths() + [p for f in folders for p in f.abs_paths()]
+        paths = ConcatImages([split.database.abs_paths()] + [f.abs_paths() for f in folders])
         per_epoch = int(t.queries_per_epoch) or math.ceil(len(positives.valid_queries) / float(a.epoch_divider))
         name = "source + pseudo-target queries" if a.ddda else "source queries"
         return [TrainingSet(name, paths, positives.num_database, positives, per_epoch)]

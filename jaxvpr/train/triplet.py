@@ -51,6 +51,7 @@ from jaxvpr import evaluate as ev
 from jaxvpr.data import format as fmt
 from jaxvpr.data import pipeline
 from jaxvpr.data.augment import triplet_augment
+from jaxvpr.data.images import ConcatImages, ImageSource, as_images
 from jaxvpr.data.images import ShorterSide
 from jaxvpr.models import frozen_mask
 from jaxvpr.models.registry import backbone_family
@@ -133,7 +134,7 @@ class TrainingSet:
     """One mining unit: a dataset (separated) or the union of all (aggregated)."""
 
     name: str
-    paths: list[str]                    # database images first, then queries (absolute)
+    paths: ImageSource                  # database images first, then queries (files or packed folders)
     num_database: int
     positives: mining.TripletDataset
     queries_per_epoch: int
@@ -172,7 +173,7 @@ def load_training_sets(config: ConfigDict, root) -> list[TrainingSet]:
     def unit(name, dbs, qs, db_utm, q_utm, n_queries):
         positives = triplet_positives(t, db_utm, q_utm, np.concatenate([f.heading for f in dbs]),
                                       np.concatenate([f.heading for f in qs]))
-        paths = [p for f in dbs for p in f.abs_paths()] + [p for f in qs for p in f.abs_paths()]
+        paths = ConcatImages([f.abs_paths() for f in dbs] + [f.abs_paths() for f in qs])  # files or packed shards
         logging.info("training set %s: %d database images, %d queries, %d dropped (no hard positive within %g m)",
                      name, positives.num_database, positives.num_queries, positives.num_dropped,
                      t.train_positives_dist_threshold)
@@ -315,9 +316,10 @@ class TripletTrainer(Trainer):
                   num_workers=int(self.config.data.num_workers), progress=False, mixed_sizes=True)
         # Every method needs the sampled queries' descriptors (best positive); the database rows are the
         # plan's: the negative pool and the hard positives (partial), all (full), the positives (random).
-        q_desc = ev.extract_descriptors(describe, [s.paths[i] for i in s.query_path_index(plan.queries)],
+        images = as_images(s.paths)
+        q_desc = ev.extract_descriptors(describe, images.take(s.query_path_index(plan.queries)),
                                         desc="mining queries", **kw).values
-        db_desc = ev.extract_descriptors(describe, [s.paths[i] for i in plan.database], desc="mining database",
+        db_desc = ev.extract_descriptors(describe, images.take(plan.database), desc="mining database",
                                          **kw).values
         triplets, new_cache = mining.select(t.mining, s.positives, plan, q_desc, db_desc, rng,
                                             int(t.negs_num_per_query), int(t.neg_samples_num), neg_cache)
