@@ -13,7 +13,11 @@ random batches (no input pipeline) of ``batch`` images of ``size`` x ``size`` pi
 * ``grl``: ``frozen`` + thesis §4.4 GRL: a second batch of 8 target images through the model in
   training mode, the pooled features of 8 source + 8 target images through gradient reversal and
   the domain discriminator (Linear 512-50-20-2), loss = CosFace + 1.0 * CE(domain), GRL coefficient
-  0.5. Its images/s count source + target images (as the trainer's ``images_per_s``).
+  0.5. Its images/s count source + target images (as the trainer's ``images_per_s``);
+* ``devaug``: ``frozen`` with CosPlace's augmentation in the step: jaxvpr's ``data.augment_on="device"``
+  (uint8 batches, ColorJitter + RandomResizedCrop + Normalize inside the jitted step) vs CosPlace's
+  ``train.py``, which applies the torchvision transforms to each image of the batch on the device
+  before the forward pass (``frozen`` vs ``devaug`` is the augmentation's cost in the step).
 
 Both sides start from the same weights (the PyTorch state dict converted with
 ``torch_to_variables``; same CosFace classifier and discriminator) and run the same sequence of
@@ -80,7 +84,7 @@ from jaxvpr.models.discriminator import DomainDiscriminator  # noqa: E402
 from jaxvpr.train.config import cosplace_config  # noqa: E402
 from jaxvpr.train.cosplace import TrainState, make_optimizers, make_train_step, run_model_config  # noqa: E402
 
-KINDS = ("frozen", "all", "grl")
+KINDS = ("frozen", "all", "grl", "devaug")
 DEFAULT_ROWS = ("frozen:224:32", "all:224:32", "grl:224:32", "frozen:512:16")
 GRL_COEFF = 0.5
 NUM_BATCHES = 3  # distinct pre-made batches, cycled
@@ -137,7 +141,10 @@ class TorchStep:
     def __call__(self, batch) -> torch.Tensor:
         self.model_opt.zero_grad()
         self.cls_opt.zero_grad()
-        descriptors, features = self.model(batch["image"], return_features=True)
+        images = batch["image"]
+        if "augment" in batch:  # CosPlace train.py: ColorJitter + RandomResizedCrop per image of the batch
+            images = torch.stack([batch["augment"](img) for img in images])
+        descriptors, features = self.model(images, return_features=True)
         loss = F.cross_entropy(self.classifier(descriptors, batch["label"]), batch["label"])
         if self.discriminator is not None:
             self.disc_opt.zero_grad()
@@ -162,6 +169,8 @@ def run_config(kind: str, size: int, batch: int):
     if kind == "all":
         config.model.trainable_stages = None
     config.grl.enabled = kind == "grl"
+    if kind == "devaug":
+        config.data.augment_on = "device"
     return config
 
 
@@ -199,13 +208,29 @@ def jax_state_and_step(config, torch_model, classifier, discriminator, example_b
     return state, step_fn, mesh
 
 
-def make_batches(size: int, batch: int, classes: int, grl: bool, target_batch: int, seed: int = 0):
-    """NUM_BATCHES random batches as (jax device arrays NHWC, torch tensors NCHW), same values."""
+def make_batches(size: int, batch: int, classes: int, grl: bool, target_batch: int, seed: int = 0,
+                 augment: bool = False):
+    """NUM_BATCHES random batches as (jax device arrays NHWC, torch tensors NCHW), same values. With
+    ``augment`` the images are uint8 (jaxvpr: augmented in the step) / float [0, 1] with CosPlace's
+    per-image torchvision augmentation (PyTorch: applied in its step, as CosPlace's train.py does)."""
     rng = np.random.default_rng(seed)
     jax_batches, torch_batches = [], []
     for _ in range(NUM_BATCHES):
-        images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
         labels = rng.choice(classes, batch, replace=False).astype(np.int32)
+        if augment:
+            import torchvision.transforms as T
+
+            pixels = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+            jb = {"image": pixels, "label": labels}
+            tb = {"image": torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255),
+                  "label": torch.from_numpy(labels).long(),
+                  "augment": T.Compose([T.ColorJitter(0.7, 0.7, 0.7, 0.5),
+                                        T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+                                        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])}
+            jax_batches.append(jax.device_put(jb))
+            torch_batches.append(tb)
+            continue
+        images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
         jb = {"image": images, "label": labels}
         tb = {"image": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), "label": torch.from_numpy(labels).long()}
         if grl:
@@ -224,7 +249,8 @@ def bench_row(kind: str, size: int, batch: int, classes: int, iters: int, rounds
     torch_model = TorchCosPlace(18, 512)
     classifier = MarginCosineProduct(512, classes, config.train.cosface_s, config.train.cosface_m)
     discriminator = torch_discriminator(512) if grl else None
-    jax_batches, torch_batches = make_batches(size, batch, classes, grl, config.grl.target_batch_size)
+    jax_batches, torch_batches = make_batches(size, batch, classes, grl, config.grl.target_batch_size,
+                                              augment=kind == "devaug")
     state, step_fn, _ = jax_state_and_step(config, torch_model, classifier, discriminator, jax_batches[0])
     torch_step = TorchStep(torch_model, classifier, discriminator, config, frozen=kind != "all")
     coeff = jnp.float32(GRL_COEFF)

@@ -86,9 +86,6 @@ def adjust_hue(img, factor):
     return _rgb_from_hsv_planes(jnp.mod(h + factor, 1.0), s, v)
 
 
-_COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
 def _jitter_range(value: float, hue: bool = False):
     if value < 0 or (hue and value > 0.5):
         raise ValueError(f"ColorJitter: {'hue' if hue else 'factor'} {value} out of range "
@@ -111,12 +108,32 @@ def colour_jitter_params(key, brightness: float, contrast: float, saturation: fl
 
 
 def apply_colour_jitter(img, order, factors, enabled=(True, True, True, True)):
-    """The four colour ops in ``order`` with ``factors`` (brightness, contrast, saturation, hue);
-    ops not ``enabled`` are skipped (statically: no cost)."""
-    branches = [(lambda op: (lambda x, f: _COLOUR_OPS[op](x, f) if enabled[op] else x))(op) for op in range(4)]
-    for slot in range(4):
+    """The four colour ops in ``order`` with ``factors`` (brightness, contrast, saturation, hue); ops
+    not ``enabled`` are skipped.
+
+    Brightness, contrast and saturation are one blend each (with black, the mean grey, the grey
+    image), so each slot of ``order`` is one blend whose target is selected per image; the hue, the
+    costly op (an HSV round trip), is applied once, between the blends of the slots before its
+    position and those after it -- the same ops in the same order as torchvision, at a quarter of
+    the cost of evaluating every op in every slot (what ``lax.switch`` under ``vmap`` does)."""
+    enabled_ops = jnp.asarray(enabled)
+
+    def blend_slot(x, slot, active):
         op = order[slot]
-        img = lax.switch(op, branches, img, factors[op])
+        gray = rgb_to_grayscale(x)
+        target = jnp.where(op == 0, 0.0, jnp.where(op == 1, jnp.mean(gray), gray))
+        return jnp.where(active & (op != 3) & enabled_ops[op], _blend(x, target, factors[op]), x)
+
+    if not enabled[3]:
+        for slot in range(4):
+            img = blend_slot(img, slot, True)
+        return img
+    hue_slot = jnp.argmax(order == 3)
+    for slot in range(4):
+        img = blend_slot(img, slot, slot < hue_slot)
+    img = adjust_hue(img, factors[3])
+    for slot in range(4):
+        img = blend_slot(img, slot, slot > hue_slot)
     return img
 
 
