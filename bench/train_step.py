@@ -391,7 +391,8 @@ def main(argv=None):
         print(f"... {kind} {size}x{size} batch {batch}", file=sys.stderr, flush=True)
         results.append(bench_row(kind, size, batch, args.classes, args.iters, args.rounds))
 
-    labels = {"frozen": "layer3+layer4 train", "all": "all stages train", "grl": "layer3+layer4 + GRL (target 8)"}
+    labels = {"frozen": "layer3+layer4 train", "all": "all stages train", "grl": "layer3+layer4 + GRL (target 8)",
+              "devaug": "layer3+layer4 train + CosPlace augmentation in the step"}
     print("| step | input | batch | jaxvpr img/s (min-max) | PyTorch img/s (min-max) | jax/torch "
           "| jaxvpr trace + compile s | loss step 1 (jax / torch) | loss step N (jax / torch) |")
     print("|---|---|---|---|---|---|---|---|---|")
