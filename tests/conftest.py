@@ -9,28 +9,39 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA compiling the same ResNet steps in many tests and their subprocesses:
 # one persistent compilation cache for the session, both workers and every subprocess (they inherit
 # the environment). It changes no result: an executable loaded from it is the one XLA compiled.
+_BASE = os.environ.get("JAXVPR_CACHE") or os.path.join(tempfile.gettempdir(), "jaxvpr-tests")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _base = os.environ.get("JAXVPR_CACHE") or os.path.join(tempfile.gettempdir(), "jaxvpr-tests")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_base, "xla-compilation-cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_BASE, "xla-compilation-cache")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# pytest-xdist's --dist loadfile hands the files to the two workers in collection order: the longest
+# files go first (measured wall times, 2026-12-06), so that the short ones fill the end and the
+# workers finish together instead of one running a 7-minute file alone.
+_LONGEST_FIRST = ("test_multiprocess.py", "test_triplet.py", "test_benchmark.py", "test_adageo.py",
+                  "test_faults.py", "test_train.py", "test_grl_learning.py", "test_synthetic.py",
+                  "test_device_augment.py", "test_ddda_train.py", "test_evaluate.py", "test_test_methods.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 @pytest.fixture(scope="session")
-def tiny_city(tmp_path_factory):
-    """The synthetic `tiny` city, generated once per session ($JAXVPR_CACHE if set, else a temp dir)."""
+def tiny_city():
+    """The synthetic `tiny` city, generated once ($JAXVPR_CACHE if set, else <tmp>/jaxvpr-tests, shared by
+    both workers: generation takes a lock, and a city appears by an atomic rename once complete)."""
     from jaxvpr.data import synthetic
 
-    cache = os.environ.get("JAXVPR_CACHE") or tmp_path_factory.mktemp("jaxvpr_cache")
-    return synthetic.ensure_city("tiny", seed=0, cache_dir=cache)
+    return synthetic.ensure_city("tiny", seed=0, cache_dir=_BASE)
 
 
 @pytest.fixture(scope="session")
-def tiny_indoor(tmp_path_factory):
+def tiny_indoor():
     """The synthetic `indoor_tiny` floors, generated once per session (like tiny_city)."""
     from jaxvpr.data import synthetic_indoor
 
-    cache = os.environ.get("JAXVPR_CACHE") or tmp_path_factory.mktemp("jaxvpr_cache")
-    return synthetic_indoor.ensure_indoor("indoor_tiny", seed=0, cache_dir=cache)
+    return synthetic_indoor.ensure_indoor("indoor_tiny", seed=0, cache_dir=_BASE)
 
 
 @pytest.fixture(scope="session")
