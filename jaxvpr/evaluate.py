@@ -297,8 +297,9 @@ def _gather_store(block_path: Path, store, total: int, per: int, row: tuple) -> 
     out = DescriptorFile(final, (total,) + row)
     try:
         for a in range(0, per, GATHER_ROWS):
-            chunk = np.asarray(block[a:a + GATHER_ROWS])
-            stacked = np.asarray(multihost_allgather(chunk))  # (processes, rows, ...)
+            chunk = np.asarray(block[a:a + GATHER_ROWS])  # every process's block has `per` rows: equal chunks
+            processes = jax.process_count()
+            stacked = parallel.gather_rows(chunk, processes * len(chunk)).reshape((processes,) + chunk.shape)
             for p, rows in enumerate(stacked):
                 first = p * per + a
                 rows = rows[:max(0, min(len(rows), total - first))]
@@ -313,12 +314,6 @@ def _gather_store(block_path: Path, store, total: int, per: int, row: tuple) -> 
     if not parallel.is_main_process():  # a private copy: unlinked while mapped (freed when unmapped)
         final.unlink()
     return mapped
-
-
-def multihost_allgather(x: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x)
 
 
 def check_unreadable_queries(unreadable_queries: str) -> str:
