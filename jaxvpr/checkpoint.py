@@ -200,8 +200,14 @@ class TrainCheckpointer:
     def _manager(self, folder: str, items: tuple[str, ...], keep: int) -> ocp.CheckpointManager:
         # cleanup_tmp_directories: the half-written step of a killed run goes when the next one starts
         # (the workdir lock guarantees that no other run is writing it).
+        # barrier_sync_key_prefix: with several processes, Orbax names its barriers by a fixed string
+        # (e.g. the "save in progress" flag, set by the saving thread and cleared by the background
+        # thread that finalizes); two managers of this class writing at once would meet in the same
+        # barrier from two threads ("Barrier ... is already ongoing", or a hang). Each gets its own.
         return ocp.CheckpointManager(self.workdir / folder, item_names=items, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="jaxvpr_" + folder.replace("/", "_"))))
 
     def _part(self, name: str) -> ocp.CheckpointManager:
         if name not in self.parts:
@@ -248,13 +254,17 @@ class TrainCheckpointer:
         self.wait()  # the previous save (Orbax would wait too): its failure is reported as its own
         self.writing = step
         try:
+            # The parts and the best model (written rarely) are finished before the step starts, so
+            # that at most one manager writes in the background (see _manager).
             for name, (version, tree) in parts.items():
                 manager = self._part(name)
                 if int(version) not in manager.all_steps():
                     manager.save(int(version), args=ocp.args.Composite(part=ocp.args.StandardSave(tree)))
+                    manager.wait_until_finished()
             if is_best and step not in self.best.all_steps():
                 self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
                                                              meta=ocp.args.JsonSave(meta)))
+                self.best.wait_until_finished()
             if step not in self.manager.all_steps():
                 self.manager.save(step, args=ocp.args.Composite(
                     model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),

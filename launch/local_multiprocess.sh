@@ -45,13 +45,17 @@ done
 [[ $dry_run == 1 ]] && exit 0
 
 status=0
-remaining=${#pids[@]}
-while [[ $remaining -gt 0 ]]; do
+live=("${pids[@]}")
+while [[ ${#live[@]} -gt 0 ]]; do
+  # wait -n -p (bash >= 5.1): which process ended; it is then dropped from the list (waiting on it
+  # again would be "no such job").
   set +e
-  wait -n "${pids[@]}"
+  wait -n -p ended "${live[@]}"
   rc=$?
   set -e
-  remaining=$((remaining - 1))
+  rest=()
+  for pid in "${live[@]}"; do [[ $pid != "$ended" ]] && rest+=("$pid"); done
+  live=("${rest[@]}")
   if [[ $rc -ne 0 && $status -eq 0 ]]; then
     status=$rc
     echo "local_multiprocess: a process exited with status $rc; stopping the others" >&2
