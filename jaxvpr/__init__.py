@@ -8,3 +8,7 @@ command reports a user error: one line, ``--debug`` for the traceback).
 """
 
 __version__ = "0.1.0"
+
+from jaxvpr import xla_defaults as _xla_defaults
+
+_xla_defaults.apply()  # before JAX starts its CPU backend (see jaxvpr/xla_defaults.py)

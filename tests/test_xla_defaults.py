@@ -1,0 +1,63 @@
+"""``JAXVPR_CPU_CONV=xla`` (jaxvpr/xla_defaults.py): when its XLA flag is added, and that it reaches XLA."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxvpr import xla_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+ON = {xla_defaults.SWITCH: "xla"}
+
+
+def test_the_flag_is_added_on_request_for_tested_jaxlib_versions_and_never_over_the_users_choice():
+    env = dict(ON, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    assert xla_defaults.apply(env, "0.10.2") == xla_defaults.CPU_FLAGS
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + " ".join(xla_defaults.CPU_FLAGS)
+    assert xla_defaults.apply(env, "0.10.2") == ()  # already there: not added twice
+    env = dict(ON)
+    xla_defaults.apply(env, "0.10.0")
+    assert env["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+    for off in ({}, {xla_defaults.SWITCH: "default"}):  # the default: jaxlib's own choice
+        assert xla_defaults.apply(off, "0.10.2") == () and "XLA_FLAGS" not in off
+    for version in ("0.9.2", "0.11.0", "1.0.0"):  # an XLA that may not know the flag aborts on it
+        env = dict(ON, XLA_FLAGS="--a=1")
+        with pytest.warns(UserWarning, match=f"jaxlib {version} is not one"):
+            assert xla_defaults.apply(env, version) == ()
+        assert env["XLA_FLAGS"] == "--a=1"
+    users = dict(ON, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution")
+    assert xla_defaults.apply(dict(users), "0.10.2") == ()
+    with pytest.raises(ValueError, match="JAXVPR_CPU_CONV='fast'"):
+        xla_defaults.apply({xla_defaults.SWITCH: "fast"}, "0.10.2")
+
+
+PROBE = """
+import sys
+if sys.argv[1] == "import":
+    import jaxvpr  # noqa: F401
+import jax, jax.numpy as jnp
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+hlo = jax.jit(conv).lower(jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+print("ynn" if "ynn_fusion" in hlo else "xla")
+"""
+
+
+@pytest.mark.skipif(not xla_defaults.apply(dict(ON)), reason="the installed jaxlib is not one the flag is added for")
+def test_jaxvpr_imported_with_the_switch_takes_convolutions_from_ynnpack_to_xla():
+    """The optimized program of a convolution: a YNNPACK fusion by default (jaxlib's choice, what the
+    switch is for) and with jaxvpr imported without the switch; XLA's own convolution with it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.SWITCH)}
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def probe(mode, **extra):
+        r = subprocess.run([sys.executable, "-c", PROBE, mode], env=dict(env, **extra), cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()[-1]
+
+    assert probe("plain", **ON) == "ynn"  # the switch acts through jaxvpr's import
+    assert probe("import") == "ynn"
+    assert probe("import", **ON) == "xla"
