@@ -47,6 +47,12 @@ recompiles when the GRL coefficient changes.
 
 Full-size options: ``--rows frozen:512:32 all:512:32 grl:512:32 --classes 5000 --rounds 5``
 (CosPlace trains at 512 with batch 32; one such step takes ~10 s per framework on 2 cores).
+
+On a GPU (``bash bench/gpu.sh`` runs the whole GPU set): ``--torch-device cuda`` puts PyTorch on
+the GPU (jaxvpr runs on JAX's default backend), ``--channels-last`` gives PyTorch's model and images
+channels-last memory order, ``--precision bf16`` compares jaxvpr's ``train.mixed_precision`` (bf16
+compute, fp32 parameters and optimizer states) with PyTorch's autocast to bfloat16 (AMP; no
+GradScaler is needed in bf16). The losses then agree to bf16 precision only.
 """
 
 from __future__ import annotations
@@ -127,8 +133,9 @@ def torch_discriminator(in_dim: int) -> tnn.Sequential:
 class TorchStep:
     """CosPlace's PyTorch training step (train.py), optionally with GRL (thesis §4.4)."""
 
-    def __init__(self, model: TorchCosPlace, classifier, discriminator, config, frozen: bool):
+    def __init__(self, model: TorchCosPlace, classifier, discriminator, config, frozen: bool, bf16: bool = False):
         self.model, self.classifier, self.discriminator = model, classifier, discriminator
+        self.bf16 = bf16
         if frozen:
             model.freeze_up_to_layer2()
         model.train()
@@ -144,15 +151,17 @@ class TorchStep:
         images = batch["image"]
         if "augment" in batch:  # CosPlace train.py: ColorJitter + RandomResizedCrop per image of the batch
             images = torch.stack([batch["augment"](img) for img in images])
-        descriptors, features = self.model(images, return_features=True)
-        loss = F.cross_entropy(self.classifier(descriptors, batch["label"]), batch["label"])
-        if self.discriminator is not None:
-            self.disc_opt.zero_grad()
-            _, target_features = self.model(batch["target_image"], return_features=True)
-            x = GradReverse.apply(torch.cat([features[: self.n_src], target_features]), GRL_COEFF)
-            domains = torch.cat([torch.zeros(self.n_src, dtype=torch.long),
-                                 torch.ones(len(target_features), dtype=torch.long)])
-            loss = loss + self.weight * F.cross_entropy(self.discriminator(x), domains)
+        # --precision bf16: autocast to bfloat16 (PyTorch AMP; bf16 needs no GradScaler)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            descriptors, features = self.model(images, return_features=True)
+            loss = F.cross_entropy(self.classifier(descriptors, batch["label"]), batch["label"])
+            if self.discriminator is not None:
+                self.disc_opt.zero_grad()
+                _, target_features = self.model(batch["target_image"], return_features=True)
+                x = GradReverse.apply(torch.cat([features[: self.n_src], target_features]), GRL_COEFF)
+                domains = torch.cat([torch.zeros(self.n_src, dtype=torch.long),
+                                     torch.ones(len(target_features), dtype=torch.long)]).to(x.device)
+                loss = loss + self.weight * F.cross_entropy(self.discriminator(x), domains)
         loss.backward()
         self.model_opt.step()
         self.cls_opt.step()
@@ -162,8 +171,9 @@ class TorchStep:
 
 
 # ----------------------------------------------------------------------------- jaxvpr side
-def run_config(kind: str, size: int, batch: int):
+def run_config(kind: str, size: int, batch: int, bf16: bool = False):
     config = cosplace_config()
+    config.train.mixed_precision = bf16  # bf16 compute, fp32 parameters and optimizer states
     config.data.image_size = size
     config.train.batch_size = batch
     if kind == "all":
@@ -242,8 +252,21 @@ def make_batches(size: int, batch: int, classes: int, grl: bool, target_batch: i
     return jax_batches, torch_batches
 
 
-def bench_row(kind: str, size: int, batch: int, classes: int, iters: int, rounds: int) -> dict:
-    config = run_config(kind, size, batch)
+def to_torch_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    """A PyTorch batch on ``device`` (images in channels-last memory order with ``channels_last``)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if channels_last and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def bench_row(kind: str, size: int, batch: int, classes: int, iters: int, rounds: int,
+              torch_device: str = "cpu", bf16: bool = False, channels_last: bool = False) -> dict:
+    config = run_config(kind, size, batch, bf16)
     grl = kind == "grl"
     torch.manual_seed(0)
     torch_model = TorchCosPlace(18, 512)
@@ -252,7 +275,15 @@ def bench_row(kind: str, size: int, batch: int, classes: int, iters: int, rounds
     jax_batches, torch_batches = make_batches(size, batch, classes, grl, config.grl.target_batch_size,
                                               augment=kind == "devaug")
     state, step_fn, _ = jax_state_and_step(config, torch_model, classifier, discriminator, jax_batches[0])
-    torch_step = TorchStep(torch_model, classifier, discriminator, config, frozen=kind != "all")
+    device = torch.device(torch_device)
+    for module in (torch_model, classifier, discriminator):
+        if module is not None:
+            module.to(device)
+    if channels_last:
+        torch_model.to(memory_format=torch.channels_last)
+    torch_batches = [to_torch_device(b, device, channels_last) for b in torch_batches]
+    torch_step = TorchStep(torch_model, classifier, discriminator, config, frozen=kind != "all", bf16=bf16)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     coeff = jnp.float32(GRL_COEFF)
 
     lowered, trace_s = timed(lambda: step_fn.lower(state, jax_batches[0], coeff))
@@ -275,13 +306,15 @@ def bench_row(kind: str, size: int, batch: int, classes: int, iters: int, rounds
             jax_call()
         jax.block_until_ready(holder["metrics"])
 
-    def torch_round():
+    def torch_round():  # `iters` steps, then wait for the device (asynchronous on a GPU)
         for _ in range(iters):
             torch_call()
+        sync()
 
     (jax_call(), jax.block_until_ready(holder["metrics"]))  # warm-up step (compiled already)
     first_jax_loss = float(holder["metrics"]["loss"])
     torch_call()
+    sync()
     first_torch_loss = float(holder["torch_loss"])
     images = batch + (config.grl.target_batch_size if grl else 0)
     rates = interleaved_throughput({"jax": jax_round, "torch": torch_round}, images * iters, 1, rounds)
@@ -376,6 +409,13 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=1, help="steps per side per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument("--torch-device", default="cpu", help="where PyTorch runs (cpu, or cuda on a GPU machine; "
+                        "jaxvpr runs on JAX's default backend)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: jaxvpr's train.mixed_precision (bf16 compute, fp32 parameters) vs PyTorch autocast "
+                        "to bfloat16 (AMP)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="PyTorch model and images in channels-last memory order (faster convolutions on GPUs)")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="inspect the compiled jaxvpr step (at the first row's size)")
     parser.add_argument("--profile-batch", type=int, default=8, help="batch of the profiled step")
@@ -385,11 +425,13 @@ def main(argv=None):
 
     print(machine_line())
     print(f"ResNet-18 + GeM 512-d, CosFace over {args.classes} classes; {args.rounds} rounds x {args.iters} step(s) "
-          f"per side, interleaved; medians over rounds\n")
+          f"per side, interleaved; medians over rounds; PyTorch on {args.torch_device}"
+          f"{', channels-last' if args.channels_last else ''}; precision {args.precision}\n")
     results = []
     for kind, size, batch in args.rows:
         print(f"... {kind} {size}x{size} batch {batch}", file=sys.stderr, flush=True)
-        results.append(bench_row(kind, size, batch, args.classes, args.iters, args.rounds))
+        results.append(bench_row(kind, size, batch, args.classes, args.iters, args.rounds, args.torch_device,
+                                 args.precision == "bf16", args.channels_last))
 
     labels = {"frozen": "layer3+layer4 train", "all": "all stages train", "grl": "layer3+layer4 + GRL (target 8)",
               "devaug": "layer3+layer4 train + CosPlace augmentation in the step"}
