@@ -3,7 +3,7 @@
 **YNNPACK convolutions off** (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``).
 jaxlib 0.10 hands forward convolutions to YNNPACK by default. On this project's 2-core CPU the
 CosPlace ResNet-18 training step runs 1.4-2.8x faster with XLA's own convolutions, ahead of
-PyTorch's step (BENCHMARKS.md, "XLA CPU flags"; why YNNPACK is slower here was not analysed).
+PyTorch's step (BENCHMARKS.md, "XLA's own CPU convolutions"; why YNNPACK is slower here was not analysed).
 
 It is not the default because it changes float rounding, and the demo's short baseline is
 chaotically sensitive to rounding: with it, seed 0 of ``configs/demo.py`` ends its baseline at
