@@ -20,6 +20,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -272,6 +273,33 @@ def test_a_resumed_log_drops_the_records_after_its_checkpoint(tmp_path):
         ("train", 1, 1.0), ("train", 2, 2.0), ("train", 3, 30.0)]
     MetricsLogger(tmp_path).close()  # a new run (no checkpoint): nothing of an earlier attempt stays
     assert read_metrics(tmp_path) == []
+
+
+def test_the_logger_writes_tensorboard_scalars_without_importing_torch(tmp_path):
+    """tensorboardX imports torch (2.5 s) only to accept its tensors; the logger keeps it out, and torch
+    stays importable afterwards (checked where the torch extra is installed)."""
+    code = ("import importlib.util, sys\n"
+            "from jaxvpr.train.logger import MetricsLogger\n"
+            f"log = MetricsLogger({str(tmp_path)!r})\n"
+            "log.write('train', 1, loss=0.5)\n"
+            "log.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "if importlib.util.find_spec('torch') is not None:\n"
+            "    import torch\n"
+            "    assert torch.zeros(2).sum().item() == 0.0\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    from tensorboardX.proto.event_pb2 import Event
+
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    data, records = events.read_bytes(), []
+    while data:  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+        (length,) = struct.unpack("<Q", data[:8])
+        records.append(Event.FromString(data[12:12 + length]))
+        data = data[16 + length:]
+    scalars = [(v.tag, v.simple_value, e.step) for e in records for v in e.summary.value]
+    assert events.name.startswith("events.out") and scalars == [("train/loss", 0.5, 1)]
 
 
 def test_the_workdir_lock_refuses_a_second_run_and_dies_with_its_process(tmp_path):

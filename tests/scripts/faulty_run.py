@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# tensorboardX imports torch when it can (for torch tensors, which these runs never log): 3 s a run.
-sys.modules.setdefault("torch", None)
 
 from jaxvpr.checkpoint import TrainCheckpointer  # noqa: E402
 from jaxvpr.train.loop import Trainer  # noqa: E402
