@@ -215,6 +215,53 @@ def _two_processes(args: list[str], reports: str) -> str:
     return outs[0][0]
 
 
+# Both processes build AdAGeo's phase-2 trainer on one workdir: process 0 runs DDDA, the other waits at
+# the barrier, then both read the same pseudo-targets and few-shot images.
+ADAGEO_PHASE1 = """
+import hashlib, json, sys
+sys.path.insert(0, {tests!r})
+from jaxvpr import cli, parallel
+parallel.initialize()
+import jax
+from jaxvpr.data import format as fmt
+from jaxvpr.train.adageo import AdAGeoTrainer
+from test_adageo import tiny_adageo_config
+
+trainer = AdAGeoTrainer(tiny_adageo_config({root!r}), {workdir!r})
+folder = fmt.read_image_folder(trainer.phase1["pseudo_targets"]["images/train/queries"])
+digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in folder.abs_paths())).hexdigest()
+print("RESULT " + json.dumps(dict(process=jax.process_index(), targets=trainer.phase1["target_images"],
+                                  domains=[(n, len(p)) for n, p in trainer.grl_domains], images=len(folder.paths),
+                                  digest=digest, training=str(trainer.grl_domains[1][1][0]))), flush=True)
+cli.leave_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_adageo_phase_one(tmp_path, tiny_city):
+    """Multi-host AdAGeo: one process trains DDDA and writes the pseudo-targets, the others wait for it
+    (no second DDDA, no half-written folder read), and every process trains on the same domains."""
+    code = ADAGEO_PHASE1.format(tests=str(REPO / "tests"), root=str(tiny_city), workdir=str(tmp_path / "run"))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                              env=_env(JAXVPR_COORDINATOR=f"127.0.0.1:{port}", JAXVPR_NUM_PROCESSES="2",
+                                       JAXVPR_PROCESS_ID=str(i), JAXVPR_CACHE=str(Path(tiny_city).parent)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    results = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+               for out, _ in outs]
+    assert [r["process"] for r in results] == [0, 1]
+    a, b = results
+    assert a["domains"] == b["domains"] == [["source queries", 50], ["pseudo-target queries", 50], ["target images", 5]]
+    assert a["targets"] == b["targets"] and a["digest"] == b["digest"] and a["images"] == b["images"] == 50
+    assert "/ddda/pseudo_targets/" in a["training"] and a["training"] == b["training"]
+    assert "DDDA:" in outs[0][0] and "DDDA:" not in outs[1][0], "only process 0 trains DDDA"
+    ddda = tmp_path / "run" / "ddda"
+    assert json.loads((ddda / "results.json").read_text())["n_target"] == 5
+    assert not list(ddda.rglob("*.tmp-*"))
+
+
 @pytest.mark.slow
 def test_two_process_benchmark_gives_the_same_tables_and_shares_the_cache(tmp_path, tiny_indoor):
     floor = sorted(p for p in Path(tiny_indoor).iterdir() if (p / "database").is_dir())[0]

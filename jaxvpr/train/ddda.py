@@ -341,12 +341,22 @@ def on_device(state: dict) -> dict:
 class PhaseCheckpoints:
     """``<workdir>/checkpoints/phase{1,2}``: Orbax steps numbered by the steps done in the phase,
     items ``state`` (params and Adam states) and ``meta`` (position, logged losses, seconds). Orbax
-    writes each step to a temporary folder and renames it: a killed run leaves only whole steps."""
+    writes each step to a temporary folder and renames it: a killed run leaves only whole steps.
+
+    DDDA runs in one process (in a multi-process AdAGeo run, process 0 while the others wait at a
+    barrier): the manager is that process's alone (``active_processes``), or Orbax's save would wait
+    at a barrier for processes that never come."""
 
     def __init__(self, workdir: Path, phase: int, keep: int = 2):
+        me = jax.process_index()
+        folder = workdir / "checkpoints" / f"phase{phase}"
+        folder.mkdir(parents=True, exist_ok=True)  # (Orbax's create=True is refused with active_processes)
         self.manager = ocp.CheckpointManager(
-            workdir / "checkpoints" / f"phase{phase}", item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            folder, item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jaxvpr_ddda_phase{phase}")))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -354,15 +364,15 @@ class PhaseCheckpoints:
     def save(self, done: int, state: dict, meta: dict) -> None:
         if done in self.manager.all_steps():
             return
-        self.manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        # as host numpy arrays: Orbax refuses a process-local jax.Array once several processes exist
+        self.manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(state)),
                                                         meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
     def restore(self, template: dict, step: int | None = None) -> tuple[dict, dict]:
         """``(state, meta)`` of ``step`` (default the latest) in the structure of ``template``."""
         step = self.latest() if step is None else step
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device), template)
+        abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), template)  # restored as numpy (on_device)
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                    meta=ocp.args.JsonRestore()))
