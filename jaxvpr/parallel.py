@@ -85,6 +85,45 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+# How long the other processes wait for process 0's one-off work (e.g. AdAGeo's DDDA: hours).
+ENV_WAIT = "JAXVPR_MAIN_WORK_TIMEOUT"  # seconds, default 7 days
+
+
+def on_main_process(fn, name: str, timeout_s: float | None = None):
+    """Runs ``fn()`` on process 0 while the other processes wait for it; returns its result on process 0.
+
+    The others wait on a key of JAX's coordination service (not a device collective, whose Gloo
+    set-up gives up after 30 s) for up to ``timeout_s`` (default ``$JAXVPR_MAIN_WORK_TIMEOUT`` or
+    7 days). If ``fn`` raises, process 0 publishes the error and every waiting process raises a
+    ``RuntimeError`` naming it instead of waiting out the timeout. With one process this is ``fn()``.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(ENV_WAIT, str(7 * 24 * 3600)))
+    key = f"jaxvpr/on_main/{name}"
+    if jax.process_index() == 0:
+        try:
+            out = fn()
+        except BaseException as e:
+            client.key_value_set(key, f"failed: {type(e).__name__}: {e}", allow_overwrite=True)
+            raise
+        client.key_value_set(key, "ok", allow_overwrite=True)
+        return out
+    try:
+        status = client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as e:  # the coordination service's deadline
+        raise RuntimeError(f"Process {jax.process_index()} waited {timeout_s:g} s for process 0 to finish "
+                           f"{name!r} (${ENV_WAIT} sets the limit): {e}") from e
+    if status != "ok":
+        raise RuntimeError(f"Process 0 failed at {name!r}, so process {jax.process_index()} stops: "
+                           f"{status.removeprefix('failed: ')}")
+    return None
+
+
 def describe_topology(mesh: Mesh) -> str:
     return (f"{jax.process_count()} process(es), {jax.local_device_count()} local / {jax.device_count()} "
             f"global {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}")

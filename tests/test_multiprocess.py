@@ -4,6 +4,7 @@
   steps, a small network) and end with the same parameters as 1 process x 4 devices;
 - evaluation split over 2 processes gives the same recalls as 1 process (descriptors streamed to disk);
 - a killed process makes the survivor exit with an error within a bounded time;
+- one-off work on process 0 (AdAGeo's DDDA) is waited for as long as it takes, and its error is passed on;
 - the launch scripts' dry runs print the commands they would run.
 """
 
@@ -214,6 +215,11 @@ def _spawn_two(args: list[str], **env) -> list[tuple[str, str]]:
     return outs
 
 
+def _result(stdout: str):
+    """The JSON a spawned script printed on its ``RESULT`` line."""
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def _two_processes(args: list[str], reports: str) -> str:
     """:func:`_spawn_two`, where only process 0 prints ``reports`` (the name of its report file).
     Returns process 0's output."""
@@ -245,16 +251,12 @@ cli.leave_distributed()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known bug: the other processes wait for process 0's DDDA in "
-                   "multihost_utils.sync_global_devices, whose Gloo setup times out after 30 s; under load "
-                   "(2 xdist workers) DDDA takes longer and process 1 fails. Needs a barrier with a long timeout.")
 def test_two_processes_share_adageo_phase_one(tmp_path, tiny_city):
     """Multi-host AdAGeo: one process trains DDDA and writes the pseudo-targets, the others wait for it
     (no second DDDA, no half-written folder read), and every process trains on the same domains."""
     code = ADAGEO_PHASE1.format(tests=str(REPO / "tests"), root=str(tiny_city), workdir=str(tmp_path / "run"))
     outs = _spawn_two(["-c", code], JAXVPR_CACHE=str(Path(tiny_city).parent))
-    results = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-               for out, _ in outs]
+    results = [_result(out) for out, _ in outs]
     assert [r["process"] for r in results] == [0, 1]
     a, b = results
     assert a["domains"] == b["domains"] == [["source queries", 50], ["pseudo-target queries", 50], ["target images", 5]]
@@ -264,6 +266,50 @@ def test_two_processes_share_adageo_phase_one(tmp_path, tiny_city):
     ddda = tmp_path / "run" / "ddda"
     assert json.loads((ddda / "results.json").read_text())["n_target"] == 5
     assert not list(ddda.rglob("*.tmp-*"))
+
+
+# parallel.on_main_process: process 0 works, process 1 waits on the coordination service.
+ON_MAIN = """
+import json, time
+from jaxvpr import cli, parallel
+parallel.initialize()
+import jax
+
+def work(seconds, error=None):
+    def fn():
+        time.sleep(seconds)
+        if error:
+            raise ValueError(error)
+        return "done"
+    return fn
+
+out = {{}}
+out["ok"] = parallel.on_main_process(work({slow}), "ok")  # longer than Gloo's 30 s set-up limit
+try:
+    parallel.on_main_process(work(0.5, "corrupt image x.jpg"), "fails")
+except Exception as e:
+    out["fails"] = f"{{type(e).__name__}}: {{e}}"
+try:
+    parallel.on_main_process(work(3), "late", timeout_s=0.5)
+except RuntimeError as e:
+    out["late"] = str(e)
+print("RESULT " + json.dumps(out), flush=True)
+cli.leave_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_on_main_process_waits_and_passes_on_the_error():
+    """The other processes wait for process 0's one-off work (AdAGeo's DDDA) as long as it takes, not
+    Gloo's 30 s; an error on process 0 stops them with its message; their own limit gives a clear error."""
+    slow = float(os.environ.get("JAXVPR_TEST_ON_MAIN_SECONDS", "2"))  # 35 shows the Gloo limit is gone
+    outs = _spawn_two(["-c", ON_MAIN.format(slow=slow)])
+    a, b = (_result(out) for out, _ in outs)
+    assert a["ok"] == "done" and b["ok"] is None
+    assert a["fails"] == "ValueError: corrupt image x.jpg"
+    assert b["fails"] == ("RuntimeError: Process 0 failed at 'fails', so process 1 stops: "
+                          "ValueError: corrupt image x.jpg")
+    assert "late" not in a and b["late"].startswith("Process 1 waited 0.5 s for process 0 to finish 'late'")
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ import optax
 from ml_collections import ConfigDict
 
 from jaxvpr import evaluate as ev
+from jaxvpr import parallel
 from jaxvpr.data import format as fmt
 from jaxvpr.data import pipeline
 from jaxvpr.data.augment import grl_augment
@@ -172,11 +173,9 @@ class AdAGeoTrainer(TripletTrainer):
         workdir = self.workdir / "ddda"
         if jax.process_count() == 1:
             return ddda.ensure_pseudo_targets(cfg, workdir)
-        from jax.experimental import multihost_utils
-
-        if jax.process_index() == 0:  # one process writes the pseudo-targets, the others wait
-            ddda.ensure_pseudo_targets(cfg, workdir)
-        multihost_utils.sync_global_devices("adageo phase 1")
+        # One process trains DDDA and writes the pseudo-targets (hours on real data); the others wait
+        # for it, then read what it wrote.
+        parallel.on_main_process(lambda: ddda.ensure_pseudo_targets(cfg, workdir), f"adageo phase 1 in {workdir}")
         return ddda.ensure_pseudo_targets(cfg, workdir)
 
     def _train_queries_folder(self) -> str:
