@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from jaxvpr.data import format as fmt
-from jaxvpr.data import pipeline
+from jaxvpr.data import image_list, pipeline
+from jaxvpr.data import names as name_parser
 
 N = 20_000
 
@@ -147,7 +148,7 @@ def test_fixed_width_lists_are_read_by_columns(tmp_path, monkeypatch):
     def no_search(*args):
         raise AssertionError("the lines were searched one by one")
 
-    monkeypatch.setattr(fmt, "_field_spans", no_search)
+    monkeypatch.setattr(name_parser, "_field_spans", no_search)
     f = fmt.read_image_folder(folder)
     ref_utm, ref_heading = reference_geotags(names)
     assert np.array_equal(bits(f.utm), bits(ref_utm)) and np.array_equal(bits(f.heading), bits(ref_heading))
@@ -180,7 +181,7 @@ def test_first_malformed_name_gives_the_per_name_error(names, tmp_path, monkeypa
         fmt.parse_image_name(os.path.join(str(folder), bad))
     assert (got.value.field, str(got.value)) == (field, str(expected.value)) and bad in str(got.value)
     with monkeypatch.context() as m, pytest.raises(fmt.ImageNameError) as again:  # from the cache: the same error
-        m.setattr(fmt, "_parse_plain_list", no_parse)
+        m.setattr(image_list, "_parse_plain_list", no_parse)
         fmt.read_image_folder(folder)
     assert str(again.value) == str(got.value)
     assert fmt.list_images(folder) == listed  # the paths alone need no geotags
@@ -225,7 +226,7 @@ def test_cache_is_used_when_valid_and_read_again_when_the_list_changes(names, tm
     assert not list(tmp_path.glob("*.tmp-*"))
 
     with monkeypatch.context() as m:
-        m.setattr(fmt, "_parse_plain_list", no_parse)
+        m.setattr(image_list, "_parse_plain_list", no_parse)
         cached = fmt.read_image_folder(folder)
     assert cached.paths == first.paths == names and cached.paths._mapped is not None
     assert np.array_equal(bits(cached.utm), bits(first.utm)) and np.array_equal(bits(cached.heading), bits(first.heading))
@@ -243,7 +244,7 @@ def test_cache_is_used_when_valid_and_read_again_when_the_list_changes(names, tm
     assert f.paths == edited and tuple(f.utm[N // 2]) == (1.25, 2.5) and f.heading[N // 2] == 90.0
     assert np.array_equal(bits(np.delete(f.utm, N // 2, 0)), bits(np.delete(first.utm, N // 2, 0)))
     with monkeypatch.context() as m:  # and the rewritten cache holds the edit
-        m.setattr(fmt, "_parse_plain_list", no_parse)
+        m.setattr(image_list, "_parse_plain_list", no_parse)
         assert fmt.read_image_folder(folder).paths == edited
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no cache was found damaged
 
@@ -258,9 +259,9 @@ def test_a_killed_writers_temporary_cache_file_is_removed_by_the_next_writer(nam
     cache = fmt.image_list_caches(list_file)[0]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname().replace("-", "_")
-    left = tmp_path / (fmt._temp_prefix(cache, host, int(dead.stdout)) + "x1")  # SIGKILLed mid-write
-    running = tmp_path / (fmt._temp_prefix(cache, host, os.getpid()) + "x2")  # being written by a live process
-    other = tmp_path / (fmt._temp_prefix(cache, "otherhost", int(dead.stdout)) + "x3")  # another host's (shared disk)
+    left = tmp_path / (image_list._temp_prefix(cache, host, int(dead.stdout)) + "x1")  # SIGKILLed mid-write
+    running = tmp_path / (image_list._temp_prefix(cache, host, os.getpid()) + "x2")  # being written by a live process
+    other = tmp_path / (image_list._temp_prefix(cache, "otherhost", int(dead.stdout)) + "x3")  # another host's (shared disk)
     for f in (left, running, other):
         f.write_bytes(b"partial")
     assert fmt.read_image_folder(folder).paths == names[:50] and cache.exists()
