@@ -292,6 +292,27 @@ def test_adageo_end_to_end_on_the_tiny_city_ddda_then_attentive_netvlad_with_a_3
     assert batch["image"].shape == (4 * 12, 128, 128, 3) and batch["neg_mask"].shape == (4, 10)
 
 
+def test_packed_folders_give_the_same_grl_domains_and_batches(tiny_city, tmp_path):
+    """A packed city (``jaxvpr.data.pack``: the source split and the target pool in shards) gives phase 2
+    the same few-shot target draw and the same GRL batches as its image files (DDDA on packed folders:
+    ``tests/test_ddda_train.py``)."""
+    from jaxvpr.data import pack
+    from jaxvpr.train.adageo import AdAGeoTrainer
+
+    packed = tmp_path / "packed"
+    for rel in ("images/train/database", "images/train/queries", "images/val/database", "images/val/queries",
+                "images/target/night"):
+        pack.pack(tiny_city / rel, packed / rel, shards=2, workers=1, progress=False)
+    files, shards = (AdAGeoTrainer(tiny_adageo_config(root, ddda=False), tmp_path / name)
+                     for name, root in (("files", tiny_city), ("packed", packed)))
+    assert [(n, len(d)) for n, d in shards.grl_domains] == [("source queries", 50), ("target images", 5)]
+    assert list(shards.phase1["target_images"]) == [p.replace(str(tiny_city), str(packed))
+                                                    for p in files.phase1["target_images"]]
+    a, b = next(files.grl_batches(0, 0)), next(shards.grl_batches(0, 0))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert set(b["label"].tolist()) == {0, 1}
+
+
 def test_svox_configs_hold_the_papers_settings_and_fail_clearly_without_weights_or_data(tmp_path):
     from jaxvpr.data.format import DatasetError
     from jaxvpr.train.adageo import AdAGeoTrainer

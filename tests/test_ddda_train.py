@@ -175,6 +175,26 @@ def test_short_run_writes_pseudo_targets_like_the_sources(full_run, mini_root):
     assert got["pseudo_targets"]["images/val/queries"] == str(workdir / "pseudo_targets/images/val/queries")
 
 
+def test_packed_folders_train_and_translate_like_their_files(full_run, mini_root, tmp_path):
+    """Sources, targets and the folders to translate packed into shards (``jaxvpr.data.pack``): the same
+    few-shot draw, the same steps and the same pseudo-target files as from the image files."""
+    from jaxvpr.data import pack
+
+    packed_root = tmp_path / "packed"
+    for rel in ("images/train/queries", "images/val/queries", "images/target/night"):
+        pack.pack(mini_root / rel, packed_root / rel, shards=2, workers=1, progress=False)
+    workdir, results = full_run
+    again = ddda.train(tiny_config(packed_root), tmp_path / "run")
+    assert again["target_images"] == [p.replace(str(mini_root), str(packed_root)) for p in results["target_images"]]
+    assert again["phase2"]["end"] == results["phase2"]["end"]  # the same losses at the last step
+    for rel in ("images/train/queries", "images/val/queries"):
+        out, ref = tmp_path / "run/pseudo_targets" / rel, workdir / "pseudo_targets" / rel
+        names = sorted(p.name for p in ref.iterdir())
+        assert sorted(p.name for p in out.iterdir()) == names
+        assert all((out / n).read_bytes() == (ref / n).read_bytes() for n in names)
+    assert (tmp_path / "run/pseudo_targets.png").is_file()
+
+
 def test_lr_rule_is_biosts():
     e = np.arange(80)
     mult = np.asarray(ddda.lr_multiplier(e, 80, 20))

@@ -243,7 +243,7 @@ from test_adageo import tiny_adageo_config
 trainer = AdAGeoTrainer(tiny_adageo_config({root!r}), {workdir!r})
 folder = fmt.read_image_folder(trainer.phase1["pseudo_targets"]["images/train/queries"])
 digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in folder.abs_paths())).hexdigest()
-print("RESULT " + json.dumps(dict(process=jax.process_index(), targets=trainer.phase1["target_images"],
+print("RESULT " + json.dumps(dict(process=jax.process_index(), targets=list(trainer.phase1["target_images"]),
                                   domains=[(n, len(p)) for n, p in trainer.grl_domains], images=len(folder.paths),
                                   digest=digest, training=str(trainer.grl_domains[1][1][0]))), flush=True)
 cli.leave_distributed()

@@ -132,6 +132,21 @@ def test_packed_and_file_folders_concatenated_as_one_source(packed):
     np.testing.assert_array_equal(restored.load(2), taken.load(2))
 
 
+def test_folder_images_of_packed_and_plain_folders(packed, tmp_path):
+    """``format.folder_images``, how the GRL target pools and DDDA's folders are read: a packed folder
+    gives the source folder's relative paths and the same images; names need no geotag."""
+    from jaxvpr.data.format import folder_images
+
+    (files, names), (shards, packed_names) = folder_images(packed["src"]), folder_images(packed["out"])
+    assert list(packed_names) == list(names) == list(packed["folder"].paths)
+    assert shards[0] == str(packed["out"] / names[0]) and files[0] == str(packed["src"] / names[0])
+    for i in (0, N - 1):
+        np.testing.assert_array_equal(shards.load(i), files.load(i))
+    Image.new("RGB", (8, 6)).save(tmp_path / "night_0001.jpg")  # an unlabeled pool: plain names
+    pool, pool_names = folder_images(tmp_path)
+    assert list(pool_names) == ["night_0001.jpg"] and pool.size(0) == (6, 8)
+
+
 # ----------------------------------------------------------------------------- (b) the pipelines
 def _assert_same_batches(a, b):
     assert len(a) == len(b) > 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvpr.data.images import FileImages
 from jaxvpr.data.image_list import (PathList, _geotags_of_path_list, image_list_caches,  # noqa: F401
                                     parse_geotags, read_image_list)
 from jaxvpr.data.names import (FIELDS, IMAGE_EXTENSIONS, DatasetError, ImageNameError,  # noqa: F401
@@ -80,6 +81,21 @@ def list_images(folder: str | os.PathLike, use_paths_file: bool = True) -> PathL
     """Relative paths of the images of ``folder``: from its list file if present (cached, see
     :func:`read_image_list`), else a sorted walk."""
     return _list_folder(Path(folder), use_paths_file)[0]
+
+
+def folder_images(folder: str | os.PathLike):
+    """``(images, names)`` of ``folder``, image files or a packed folder alike: an ``ImageSource``
+    (``jaxvpr.data.images``) and the images' paths relative to the folder (for a packed folder, to
+    the folder it was packed from), in the same order. Names are not parsed: the images need no geotag
+    (e.g. an unlabeled target-domain pool)."""
+    folder = Path(folder)
+    if _is_packed(folder):
+        from jaxvpr.data import pack
+
+        packed = pack.read_packed(folder)
+        return packed.abs_paths(), packed.paths
+    names = list_images(folder)
+    return FileImages([os.path.join(str(folder), p) for p in names]), names
 
 
 @dataclasses.dataclass

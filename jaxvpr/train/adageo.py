@@ -54,7 +54,7 @@ from jaxvpr import parallel
 from jaxvpr.data import format as fmt
 from jaxvpr.data import pipeline
 from jaxvpr.data.augment import grl_augment
-from jaxvpr.data.images import ConcatImages
+from jaxvpr.data.images import ConcatImages, as_images
 from jaxvpr.models import feature_dim
 from jaxvpr.models.discriminator import DomainDiscriminator
 from jaxvpr.models.grl import grl_coefficient
@@ -156,10 +156,9 @@ class AdAGeoTrainer(TripletTrainer):
         target_dir = fmt.resolve_folder(self.root, self.with_domain(config.data.target_folder), "Target-domain")
         from jaxvpr.train import ddda
 
-        if not a.ddda:  # the few-shot images alone, drawn as phase 1 draws them
-            paths = [str(target_dir / p) for p in fmt.list_images(target_dir)]
-            return {"pseudo_targets": {}, "target_images": ddda.select_target_images(paths, int(a.n_target),
-                                                                                     int(config.seed))}
+        targets = ddda.target_images(target_dir, int(a.n_target), int(config.seed))  # as phase 1 draws them
+        if not a.ddda:  # the few-shot images alone
+            return {"pseudo_targets": {}, "target_images": targets}
 
         cfg = ConfigDict(config.ddda.to_dict())
         cfg.seed = config.seed
@@ -171,12 +170,14 @@ class AdAGeoTrainer(TripletTrainer):
         cfg.data.source_folders = self._train_queries_folder()
         cfg.data.translate = f"{self._train_queries_folder()},{self._val_queries_folder()}"
         workdir = self.workdir / "ddda"
-        if jax.process_count() == 1:
-            return ddda.ensure_pseudo_targets(cfg, workdir)
         # One process trains DDDA and writes the pseudo-targets (hours on real data); the others wait
         # for it, then read what it wrote.
-        parallel.on_main_process(lambda: ddda.ensure_pseudo_targets(cfg, workdir), f"adageo phase 1 in {workdir}")
-        return ddda.ensure_pseudo_targets(cfg, workdir)
+        phase1 = (parallel.on_main_process(lambda: ddda.ensure_pseudo_targets(cfg, workdir),
+                                           f"adageo phase 1 in {workdir}") or ddda.ensure_pseudo_targets(cfg, workdir))
+        if phase1["target_images"] != list(targets):
+            raise ConfigError(f"{workdir / 'target_images.txt'} lists other target images than {target_dir} gives "
+                              "now (the folder changed since phase 1 ran): use a new workdir.")
+        return {**phase1, "target_images": targets}
 
     def _train_queries_folder(self) -> str:
         return f"{self.config.data.train_splits}/{self.config.data.train_queries}"
@@ -202,7 +203,7 @@ class AdAGeoTrainer(TripletTrainer):
         folders = [split.queries]
         if a.ddda:
             folders.append(self._pseudo_folder(self._train_queries_folder()))
-        targets = list(self.phase1["target_images"])
+        targets = self.phase1["target_images"]
         self.grl_domains = [(DOMAIN_NAMES[0], split.queries.abs_paths())]
         if a.ddda:
             self.grl_domains.append((DOMAIN_NAMES[1], folders[1].abs_paths()))
@@ -373,17 +374,18 @@ class AdAGeoTrainer(TripletTrainer):
             return grl_coefficient(epoch, int(self.config.train.epochs), float(a.grl_gamma))
         return 1.0
 
-    def batches(self, epoch: int, start: int, current_state):
+    def grl_batches(self, epoch: int, start: int):
+        """The GRL images of epoch ``epoch`` from step ``start``: ``{"image", "label"}`` (label = domain)."""
         config, a = self.config, self.config.adageo
-        grl = None
-        if a.grl:
-            paths = [p for _, domain in self.grl_domains for p in domain]
-            size = self._grl_size()
-            grl = pipeline.train_batches(
-                paths, pipeline.DomainSampler([len(d) for _, d in self.grl_domains]), int(a.grl_batch_size),
-                functools.partial(self.grl_augment, size=size), seed=epoch_seed(config.seed, epoch, 1),
-                start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
-                num_workers=config.data.num_workers)
+        images = ConcatImages([domain for _, domain in self.grl_domains])  # files or packed folders
+        return pipeline.train_batches(
+            images, pipeline.DomainSampler([len(d) for _, d in self.grl_domains]), int(a.grl_batch_size),
+            functools.partial(self.grl_augment, size=self._grl_size()), seed=epoch_seed(config.seed, epoch, 1),
+            start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+            num_workers=config.data.num_workers)
+
+    def batches(self, epoch: int, start: int, current_state):
+        grl = self.grl_batches(epoch, start) if self.config.adageo.grl else None
         coeff = jnp.float32(self.grl_coeff(epoch))
         for batch, _ in super().batches(epoch, start, current_state):
             if grl is not None:
@@ -393,9 +395,7 @@ class AdAGeoTrainer(TripletTrainer):
 
     def _grl_size(self) -> tuple[int, int] | None:
         """The source queries' size: GRL images of another size are resized to it (AdAGeo's are all 512x384)."""
-        from jaxvpr.data.images import image_size
-
-        size = image_size(self.grl_domains[0][1][0])
+        size = as_images(self.grl_domains[0][1]).size(0)
         return None if size is None else (int(size[0]), int(size[1]))
 
     def log_extras(self) -> dict:

@@ -48,6 +48,7 @@ from jaxvpr.data import pipeline
 from jaxvpr.data.augment import cosplace_augment
 from jaxvpr.data.device_augment import AUGMENT_ON, DeviceAugment, host_decode, parse_load_size, step_key
 from jaxvpr.data.cosplace import cached_group_classes, check_groups_num
+from jaxvpr.data.images import ImageSource
 from jaxvpr.models import feature_dim, frozen_mask
 from jaxvpr.models.discriminator import DomainDiscriminator
 from jaxvpr.models.grl import grad_reverse, grl_coefficient, grl_coefficient_at_step
@@ -242,7 +243,7 @@ def device_augmentation(config: ConfigDict):
 class TrainData:
     folder: fmt.ImageFolder
     groups: list[list[list[int]]]       # per group, per class: image indices
-    target_paths: list[str] | None
+    target_paths: ImageSource | None    # unlabeled target images (files or a packed folder)
 
 
 def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainData:
@@ -263,7 +264,7 @@ def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainDat
         if not config.data.target_folder:
             raise ValueError("grl.enabled needs config.data.target_folder (a folder of unlabeled target images).")
         target = fmt.resolve_folder(root, config.data.target_folder, "Target-domain")
-        target_paths = [str(target / p) for p in fmt.list_images(target)]
+        target_paths = fmt.folder_images(target)[0]
     logging.info("training images %d, classes per group %s", len(folder), [len(g) for g in groups])
     return TrainData(folder, groups, target_paths)
 

@@ -62,7 +62,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from jaxvpr.data import format as fmt
-from jaxvpr.data.images import CorruptImageError, load_image
+from jaxvpr.data.images import ConcatImages, CorruptImageError, FileImages, ImageSource
 from jaxvpr.evaluate import atomic_write_text
 from jaxvpr.models import ddda
 from jaxvpr.train.config import ConfigError
@@ -149,6 +149,15 @@ def select_target_images(paths: list[str], n_target: int, seed: int) -> list[str
     return [paths[i] for i in sorted(chosen)]
 
 
+def target_images(folder, n_target: int, seed: int) -> ImageSource:
+    """The few-shot target images of ``folder`` (image files or a packed folder) chosen by
+    :func:`select_target_images` from the folder's relative paths; their names are
+    ``<folder>/<relative path>``."""
+    images, names = fmt.folder_images(folder)
+    row = {p: i for i, p in enumerate(names)}
+    return images.take([row[p] for p in select_target_images(list(names), n_target, seed)])
+
+
 def ddda_augment(image: np.ndarray, rng: np.random.Generator, resize: int, crop: int, rotation_deg: float = 7.0,
                  hflip: bool = True) -> np.ndarray:
     """BiOST's training transform (A.1.3) of a uint8 (H, W, 3) image -> float32 (crop, crop, 3) in [-1, 1].
@@ -186,15 +195,15 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def load_train_image(paths: list[str], index: int) -> tuple[np.ndarray, int]:
-    """``(image, index)`` of ``paths[index]``; a corrupt file is logged and the next one taken."""
+def load_train_image(images: ImageSource, index: int) -> tuple[np.ndarray, int]:
+    """``(image, index)`` of image ``index``; a corrupt one is logged and the next one taken."""
     for attempt in range(MAX_CORRUPT_RETRIES):
-        i = (index + attempt) % len(paths)
+        i = (index + attempt) % len(images)
         try:
-            return load_image(paths[i]), i
+            return images.load(i), i
         except CorruptImageError as e:
             logging.warning("skipping %s", e)
-    raise CorruptImageError(paths[index], f"it and the {MAX_CORRUPT_RETRIES - 1} images after it are unreadable")
+    raise CorruptImageError(images[index], f"it and the {MAX_CORRUPT_RETRIES - 1} images after it are unreadable")
 
 
 class StepData:
@@ -206,7 +215,7 @@ class StepData:
     drawn uniformly by ``rng(seed, 13, e, step)``. Augmentation: ``rng(seed, 14, phase, e, step, domain)``.
     """
 
-    def __init__(self, config: ConfigDict, sources: list[str], targets: list[str]):
+    def __init__(self, config: ConfigDict, sources: ImageSource, targets: ImageSource):
         d = config.data
         self.seed, self.sources, self.targets = int(config.seed), sources, targets
         self.augment = functools.partial(ddda_augment, resize=int(d.resize), crop=int(d.crop),
@@ -221,8 +230,8 @@ class StepData:
                 self._perms.popitem(last=False)
         return self._perms[key]
 
-    def _image(self, paths, index, phase, epoch, step, domain) -> np.ndarray:
-        image, _ = load_train_image(paths, int(index))
+    def _image(self, images, index, phase, epoch, step, domain) -> np.ndarray:
+        image, _ = load_train_image(images, int(index))
         rng = np.random.default_rng([self.seed, _TAG_AUGMENT, phase, epoch, step, domain])
         return self.augment(image, rng)[None]
 
@@ -524,7 +533,8 @@ def translate_images(params_S: dict, params_T: dict, images: np.ndarray, sizes: 
 
 def generate_pseudo_targets(params_S: dict, params_T: dict, source_folder, out_folder, sizes: tuple = (64, 2, 4),
                             batch_size: int = 8, quality: int = 95, num_workers: int = 2) -> int:
-    """Writes the pseudo-target of every image of ``source_folder`` into ``out_folder`` (AdAGeo §4.1, A.1.6).
+    """Writes the pseudo-target of every image of ``source_folder`` (image files or a packed folder)
+    into ``out_folder`` (AdAGeo §4.1, A.1.6) as image files.
 
     Same relative paths and file names (JPEG, ``quality``), each at its source's resolution. Images
     of equal size go through the network ``batch_size`` at a time (a short last batch is padded by
@@ -535,7 +545,7 @@ def generate_pseudo_targets(params_S: dict, params_T: dict, source_folder, out_f
     from jaxvpr.data.pipeline import group_by_size
 
     source_folder, out_folder = Path(source_folder), Path(out_folder)
-    rel_paths = fmt.list_images(source_folder)
+    images, rel_paths = fmt.folder_images(source_folder)
     if out_folder.is_dir():
         return len(fmt.list_images(out_folder))
     out_folder.parent.mkdir(parents=True, exist_ok=True)
@@ -543,11 +553,9 @@ def generate_pseudo_targets(params_S: dict, params_T: dict, source_folder, out_f
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out_folder.parent / f"{out_folder.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    abs_paths = [str(source_folder / p) for p in rel_paths]
-    groups = group_by_size(abs_paths)
+    groups = group_by_size(images)
     if None in groups:
-        bad = abs_paths[int(groups[None][0])]
-        raise CorruptImageError(bad, "its header cannot be read")
+        raise CorruptImageError(images[int(groups[None][0])], "its header cannot be read")
     workers = max(1, int(num_workers))
 
     def write(rel: str, image: np.ndarray) -> None:
@@ -560,8 +568,8 @@ def generate_pseudo_targets(params_S: dict, params_T: dict, source_folder, out_f
         for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 chunk = [int(i) for i in indices[start:start + batch_size]]
-                images = list(pool.map(load_image, [abs_paths[i] for i in chunk]))
-                padded = images + [images[0]] * (min(batch_size, len(indices)) - len(images))
+                loaded = list(pool.map(images.load, chunk))
+                padded = loaded + [loaded[0]] * (min(batch_size, len(indices)) - len(loaded))
                 out = translate_images(params_S, params_T, np.stack(padded), sizes)
                 writes += [pool.submit(write, rel_paths[i], out[j]) for j, i in enumerate(chunk)]
         for f in writes:
@@ -570,19 +578,19 @@ def generate_pseudo_targets(params_S: dict, params_T: dict, source_folder, out_f
     return len(rel_paths)
 
 
-def preview_grid(sources: list[str], pseudo: list[str], targets: list[str], out_path: Path, height: int = 160) -> None:
+def preview_grid(sources: ImageSource, pseudo: ImageSource, targets: ImageSource, out_path: Path,
+                 height: int = 160) -> None:
     """AdAGeo Fig. 3 as a PNG: source images (row 1), their pseudo-targets (row 2), targets (row 3)."""
-    rows = [r for r in (sources, pseudo, targets) if r]
-    first = Image.open(sources[0])
-    tile = (max(1, round(first.width * height / first.height)), height)
+    rows = [r for r in (sources, pseudo, targets) if len(r)]
+    first_h, first_w = sources.size(0) or sources.load(0).shape[:2]
+    tile = (max(1, round(first_w * height / first_h)), height)
     gap = 4
     cols = max(len(r) for r in rows)
     grid = Image.new("RGB", (cols * (tile[0] + gap) + gap, len(rows) * (tile[1] + gap) + gap), (255, 255, 255))
-    for r, paths in enumerate(rows):
-        for c, path in enumerate(paths):
-            with Image.open(path) as img:
-                grid.paste(img.convert("RGB").resize(tile, Image.BICUBIC), (gap + c * (tile[0] + gap),
-                                                                            gap + r * (tile[1] + gap)))
+    for r, images in enumerate(rows):
+        for c in range(len(images)):
+            img = Image.fromarray(images.load(c)).resize(tile, Image.BICUBIC)
+            grid.paste(img, (gap + c * (tile[0] + gap), gap + r * (tile[1] + gap)))
     tmp = out_path.parent / f"{out_path.name}.tmp{os.getpid()}.png"
     grid.save(tmp)
     os.replace(tmp, out_path)
@@ -630,23 +638,22 @@ def train(config: ConfigDict, workdir) -> dict:
     sizes, seed = _sizes(config), int(config.seed)
 
     # 1. data
-    sources = [str(f / p) for name in split_list(d.source_folders)
-               for f in [fmt.resolve_folder(root, name, "DDDA source (data.source_folders)")]
-               for p in fmt.list_images(f)]
-    if not sources:
+    sources = ConcatImages([fmt.folder_images(fmt.resolve_folder(root, name, "DDDA source (data.source_folders)"))[0]
+                            for name in split_list(d.source_folders)])
+    if not len(sources):
         raise ConfigError("config.data.source_folders is empty: name the source image folder(s), comma-separated.")
-    targets = []
+    targets = ConcatImages([])
     if int(d.n_target) != 0:
-        target_dir = fmt.resolve_folder(root, d.target_folder, "DDDA target (data.target_folder)")
-        targets = [str(target_dir / p) for p in select_target_images(fmt.list_images(target_dir), d.n_target, seed)]
-    write_target_list(workdir, targets)
+        targets = target_images(fmt.resolve_folder(root, d.target_folder, "DDDA target (data.target_folder)"),
+                                d.n_target, seed)
+    write_target_list(workdir, list(targets))
     steps_per_epoch = int(t.iterations_per_epoch) or len(sources)
     print(f"DDDA: {len(sources)} source images, {len(targets)} target images, {steps_per_epoch} steps per epoch, "
           f"{t.phase1_epochs} + {t.phase2_epochs if targets else 0} epochs; workdir {workdir}", flush=True)
     data = StepData(config, sources, targets)
     log = JsonlLog(workdir)
     keep = int(t.get("keep_checkpoints", 2))
-    results = {"recipe": "ddda", "n_source": len(sources), "n_target": len(targets), "target_images": targets,
+    results = {"recipe": "ddda", "n_source": len(sources), "n_target": len(targets), "target_images": list(targets),
                "steps_per_epoch": steps_per_epoch}
     ckpt1, ckpt2 = PhaseCheckpoints(workdir, 1, keep), PhaseCheckpoints(workdir, 2, keep)
     try:
@@ -654,7 +661,7 @@ def train(config: ConfigDict, workdir) -> dict:
         step1, init1 = compiled_step(1, sizes, float(t.lr), steps_per_epoch, int(t.phase1_epochs),
                                      int(t.decay_epochs), False)
         state1 = on_device(init1(seed))
-        phase2_started = bool(targets) and ckpt2.latest() is not None
+        phase2_started = bool(len(targets)) and ckpt2.latest() is not None
         if phase2_started:
             meta1 = ckpt1.restore(state1)[1] if ckpt1.latest() is not None else _new_meta()
         else:
@@ -666,7 +673,7 @@ def train(config: ConfigDict, workdir) -> dict:
         results["phase1"]["steps"] = int(meta1["done"])
 
         # 3. phase II: both autoencoders
-        if targets:
+        if len(targets):
             step2, init2 = compiled_step(2, sizes, float(t.lr), steps_per_epoch, int(t.phase2_epochs),
                                          int(t.decay_epochs), bool(t.feature_cycle))
             state2 = init2(state1["params"])
@@ -699,10 +706,10 @@ def train(config: ConfigDict, workdir) -> dict:
     results["generation_seconds"] = time.time() - t0
     if results["pseudo_targets"] and int(g.preview_images) > 0:
         first = next(iter(results["pseudo_targets"].values()))
-        names = fmt.list_images(first["source"])[: int(g.preview_images)]
-        preview_grid([os.path.join(first["source"], n) for n in names],
-                     [os.path.join(first["folder"], n) for n in names],
-                     targets[: int(g.preview_images)], workdir / "pseudo_targets.png")
+        n = int(g.preview_images)
+        sources_, names = fmt.folder_images(first["source"])
+        preview_grid(sources_[:n], FileImages([os.path.join(first["folder"], p) for p in names[:n]]), targets[:n],
+                     workdir / "pseudo_targets.png")
         results["preview"] = str(workdir / "pseudo_targets.png")
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2) + "\n")
     return results
