@@ -111,8 +111,8 @@ def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(
     city: at GRL coefficient 0 (nothing fools it yet) the discriminator learns to tell daylight queries,
     fog and night apart (fog stands in for the pseudo-targets) far above chance (33%), while the
     triplet loss of the same step falls. Without AdAGeo's colour jitter (0.7, which the demo keeps):
-    with it, a randomly initialised ResNet's features need more than 60 steps (45% at 60 here; the
-    demo's discriminator, from CosPlace weights, reaches 63-72% in 100 steps)."""
+    with it, a randomly initialised ResNet's features need more than 60 steps (45% at 60 steps, 64 px;
+    the demo's discriminator, from CosPlace weights, reaches 63-72% in 100 steps). 48 px images."""
     import functools
 
     import optax
@@ -127,7 +127,7 @@ def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(
     config.train.batch_size = 1
     config.adageo.grl_lr = 1e-3
     cfg = model_config(config.model.name, num_classes=4)
-    variables = init_variables(cfg, jax.random.key(0), (64, 64))
+    variables = init_variables(cfg, jax.random.key(0), (48, 48))
     model, disc = build_model(cfg), DomainDiscriminator(n_domains=3)
     tx, disc_tx = optax.adam(1e-4), optax.adam(float(config.adageo.grl_lr))
     disc_params = disc.init(jax.random.key(1), jnp.zeros((1, 512)))["params"]
@@ -138,21 +138,21 @@ def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(
 
     domains = [fmt.read_image_folder(tiny_city / f).abs_paths()
                for f in ("images/train/queries", "images/target/fog", "images/target/night")]
-    augment = functools.partial(grl_augment, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, size=(64, 64))
+    augment = functools.partial(grl_augment, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, size=(48, 48))
     grl = pipeline.train_batches([p for d in domains for p in d], pipeline.DomainSampler([len(d) for d in domains]),
                                  8, augment, seed=0, num_workers=0)
     day = domains[0]  # one fixed triplet tuple (query, positive, 10 negatives) of daylight images
-    triplet = np.stack([normalize(resize(load_image(p), 64)) for p in day[:12]])
+    triplet = np.stack([normalize(resize(load_image(p), 48)) for p in day[:12]])
     accuracy, loss = [], []
-    for _ in range(60):
+    for _ in range(40):
         g = next(grl)
         batch = {"image": triplet, "neg_mask": np.ones((1, 10), bool), "grl_image": g["image"],
                  "grl_domain": g["label"]}
         state, metrics = step(state, batch, jnp.float32(0.0))
         accuracy.append(float(metrics["disc_accuracy"]))
         loss.append(float(metrics["triplet_loss"]))
-    last = float(np.mean(accuracy[-30:]))  # 240 images: chance would give 0.33 +- 0.03
-    assert last >= 0.55, f"discriminator accuracy over steps 31-60 is {last:.2f} (per step: {accuracy})"
+    last = float(np.mean(accuracy[-20:]))  # 160 images: chance would give 0.33 +- 0.04 (measured: 0.70)
+    assert last >= 0.55, f"discriminator accuracy over steps 21-40 is {last:.2f} (per step: {accuracy})"
     assert np.mean(accuracy[:5]) < last
     assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:5]), loss
 
