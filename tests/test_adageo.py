@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxvpr.data import pipeline
-from jaxvpr.models import build_model, init_variables, model_config
+from jaxvpr.models import build_model, feature_dim, init_variables, model_config
 from jaxvpr.models.adageo import CamNetVLAD, cam_attention, fit_scene_classifier
 from jaxvpr.models.netvlad import NetVLAD
 from jaxvpr.models.resnet import ResNet
@@ -105,6 +105,16 @@ def test_domain_sampler_draws_domains_uniformly_and_images_within_them():
         pipeline.DomainSampler([3, 0])
 
 
+def _adageo_state(cfg, config, tx, disc, disc_tx, image_size):
+    from jaxvpr.train import adageo
+
+    variables = init_variables(cfg, jax.random.key(0), image_size)
+    disc_params = disc.init(jax.random.key(1), jnp.zeros((1, feature_dim(cfg))))["params"]
+    return adageo.AdAGeoState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+                              disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params))
+
+
 @pytest.mark.slow
 def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(tiny_city):
     """AdAGeo's jitted step with its 3-domain GRL batch (DomainSampler + AdAGeo's GRL jitter) on the tiny
@@ -127,13 +137,9 @@ def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(
     config.train.batch_size = 1
     config.adageo.grl_lr = 1e-3
     cfg = model_config(config.model.name, num_classes=4)
-    variables = init_variables(cfg, jax.random.key(0), (48, 48))
     model, disc = build_model(cfg), DomainDiscriminator(n_domains=3)
     tx, disc_tx = optax.adam(1e-4), optax.adam(float(config.adageo.grl_lr))
-    disc_params = disc.init(jax.random.key(1), jnp.zeros((1, 512)))["params"]
-    state = adageo.AdAGeoState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                               batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                               disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params))
+    state = _adageo_state(cfg, config, tx, disc, disc_tx, (48, 48))
     step = jax.jit(adageo.make_train_step(model, disc, tx, disc_tx, config, frozen=None, grl_on=True))
 
     domains = [fmt.read_image_folder(tiny_city / f).abs_paths()
@@ -155,6 +161,42 @@ def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(
     assert last >= 0.55, f"discriminator accuracy over steps 21-40 is {last:.2f} (per step: {accuracy})"
     assert np.mean(accuracy[:5]) < last
     assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:5]), loss
+
+
+def test_alexnet_variant_trains_in_the_adageo_step_without_batchnorm():
+    """AdAGeo's step on the AlexNet variant (no BatchNorm statistics): finite losses, the frozen convs
+    (conv1-3) untouched, conv4/conv5, the CAM's fc, NetVLAD and the discriminator updated."""
+    import optax
+
+    from jaxvpr.models.discriminator import DomainDiscriminator
+    from jaxvpr.train import adageo
+    from jaxvpr.train.config import adageo_config
+    from jaxvpr.train.loop import frozen_params_mask
+
+    config = adageo_config()
+    config.train.batch_size = 1
+    cfg = model_config("adageo_alexnet_netvlad_64", num_classes=4)
+    model, disc = build_model(cfg), DomainDiscriminator(n_domains=3)
+    tx, disc_tx = optax.adam(1e-3), optax.adam(1e-3)
+    state = start = _adageo_state(cfg, config, tx, disc, disc_tx, (64, 64))
+    step = jax.jit(adageo.make_train_step(model, disc, tx, disc_tx, config, frozen_params_mask(cfg), grl_on=True))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        batch = {"image": rng.normal(size=(12, 64, 64, 3)).astype(np.float32), "neg_mask": np.ones((1, 10), bool),
+                 "grl_image": rng.normal(size=(8, 64, 64, 3)).astype(np.float32),
+                 "grl_domain": np.arange(8, dtype=np.int32) % 3}
+        state, metrics = step(state, batch, jnp.float32(1.0))
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["domain_ce"]))
+    assert state.batch_stats == {}
+
+    def changed(a, b):
+        return jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)
+
+    moved = changed(start.params, state.params)
+    assert not any(jax.tree.leaves([moved["backbone"][f"features_{i}"] for i in (0, 3, 6)]))
+    assert all(jax.tree.leaves([moved["backbone"][f"features_{i}"] for i in (8, 10)]))
+    assert all(jax.tree.leaves(moved["head"]["netvlad"]))
+    assert all(jax.tree.leaves(changed(start.disc_params, state.disc_params)))
 
 
 def test_violation_mask_against_brute_force():
@@ -181,6 +223,25 @@ def test_masked_triplet_loss_averages_over_the_counted_negatives_only():
     assert float(triplet_loss_of_descriptors(desc, 1, 1.0, False, jnp.array([[False, False]]))) == 0.0
 
 
+def _torch_attentive_netvlad(torch, feat_bn, feat_nbn, fc, netvlad_params):
+    """AdAGeo's head (``src/network.py`` + ``src/netvlad.py``) in PyTorch: CAM of the top class on
+    ``feat_bn``, softmax over positions, times ``feat_nbn``, NetVLAD-64 (our k-means parameters)."""
+    F = torch.nn.functional
+    centroids = torch.from_numpy(np.array(netvlad_params["centroids"]))
+    conv_w = torch.from_numpy(np.transpose(np.asarray(netvlad_params["conv"]["kernel"]), (3, 2, 0, 1)).copy())
+    logits = fc(torch.flatten(F.adaptive_avg_pool2d(feat_bn, 1), 1))
+    cls = logits.sort(1, True)[1][:, 0]
+    b, c, h, w = feat_bn.shape
+    cam = torch.bmm(fc.weight[cls].unsqueeze(1), feat_bn.reshape(b, c, h * w))
+    attention = F.softmax(cam.squeeze(1), dim=1).view(b, 1, h, w)
+    feat = F.normalize(feat_nbn * attention, p=2, dim=1)
+    assign = F.softmax(F.conv2d(feat, conv_w).view(b, 64, -1), dim=1)
+    flat = feat.reshape(b, c, -1)
+    vlad = torch.stack([((flat - centroids[k][None, :, None]) * assign[:, k:k + 1]).sum(-1) for k in range(64)], 1)
+    vlad = F.normalize(vlad, p=2, dim=2).view(b, -1)
+    return F.normalize(vlad, p=2, dim=1).numpy()
+
+
 @pytest.mark.torch
 def test_places365_resnet_and_the_attentive_netvlad_match_a_pytorch_reference(tmp_path):
     """A torchvision ResNet-18 with a 365-way fc (the Places365 layout) loads as the backbone and the
@@ -203,30 +264,57 @@ def test_places365_resnet_and_the_attentive_netvlad_match_a_pytorch_reference(tm
     x = np.random.default_rng(0).normal(size=(2, 96, 128, 3)).astype(np.float32)
     desc = build_model(cfg).apply(variables, jnp.asarray(x))
 
-    head = variables["params"]["head"]["netvlad"]
-    centroids = torch.from_numpy(np.asarray(head["centroids"]))
-    conv_w = torch.from_numpy(np.transpose(np.asarray(head["conv"]["kernel"]), (3, 2, 0, 1)).copy())
     captured = {}
     block = net.layer4[1]
     block.conv2.register_forward_hook(lambda m, i, o: captured.__setitem__("conv2", o))
     block.register_forward_hook(lambda m, i, o: captured.__setitem__("input", i[0]))
-    with torch.no_grad():  # AdAGeo src/network.py + src/netvlad.py, in eval mode
-        t = torch.from_numpy(x).permute(0, 3, 1, 2)
-        trunk = torch.nn.Sequential(*list(net.children())[:-2])
-        feat_bn = trunk(t)
+    with torch.no_grad():  # in eval mode
+        feat_bn = torch.nn.Sequential(*list(net.children())[:-2])(torch.from_numpy(x).permute(0, 3, 1, 2))
         feat_nbn = captured["conv2"] + captured["input"]
-        logits = net.fc(torch.flatten(net.avgpool(feat_bn), 1))
-        cls = logits.sort(1, True)[1][:, 0]
-        b, c, h, w = feat_bn.shape
-        cam = torch.bmm(net.fc.weight[cls].unsqueeze(1), feat_bn.view(b, c, h * w))
-        attention = torch.nn.functional.softmax(cam.squeeze(1), dim=1).view(b, 1, h, w)
-        feat = torch.nn.functional.normalize(feat_nbn * attention, p=2, dim=1)
-        assign = torch.nn.functional.softmax(torch.nn.functional.conv2d(feat, conv_w).view(b, 64, -1), dim=1)
-        flat = feat.view(b, c, -1)
-        vlad = torch.stack([((flat - centroids[k][None, :, None]) * assign[:, k:k + 1]).sum(-1) for k in range(64)], 1)
-        vlad = torch.nn.functional.normalize(vlad, p=2, dim=2).view(b, -1)
-        expected = torch.nn.functional.normalize(vlad, p=2, dim=1).numpy()
+        expected = _torch_attentive_netvlad(torch, feat_bn, feat_nbn, net.fc, variables["params"]["head"]["netvlad"])
     np.testing.assert_allclose(np.asarray(desc), expected, atol=2e-5)
+
+
+@pytest.mark.torch
+def test_alexnet_variant_loads_its_layout_and_matches_a_pytorch_reference(tmp_path):
+    """AdAGeo's AlexNet (paper Table 2; ``src/alexnet.py``): torchvision's ``features`` up to conv5 before
+    its ReLU, one map for the CAM and the attended features, a GAP + Linear(256, 365) classifier. A file
+    of that layout loads (``features.<i>``, ``fc``) and the descriptor equals the forward in PyTorch;
+    the authors' trained ``AttenNetVLAD`` layout (``backbone.features.<i>``) converts too."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from jaxvpr.convert.cnn import cnn_rules
+    from jaxvpr.convert.rules import apply_rules
+    from jaxvpr.train.adageo import load_places365
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(*list(torchvision.models.alexnet().features.children())[:-2]).eval()
+    fc = torch.nn.Linear(256, 365)
+    state = {**{f"features.{k}": v for k, v in trunk.state_dict().items()},
+             **{f"fc.{k}": v for k, v in fc.state_dict().items()}}
+    torch.save(state, tmp_path / "alexnet_places365.pth")
+
+    cfg = model_config("adageo_alexnet_netvlad_64")
+    assert cfg.trainable_stages == 2  # conv4 + conv5 ("the last two convolutional blocks")
+    variables = init_variables(cfg, jax.random.key(0), (96, 128))
+    assert "batch_stats" not in variables or not variables["batch_stats"]
+    variables = load_places365(variables, str(tmp_path / "alexnet_places365.pth"), cfg)
+    x = np.random.default_rng(0).normal(size=(2, 96, 128, 3)).astype(np.float32)
+    desc, pooled = build_model(cfg).apply(variables, jnp.asarray(x), return_features=True)
+    assert desc.shape == (2, 64 * 256) and pooled.shape == (2, 256)
+    with torch.no_grad():
+        conv5 = trunk(torch.from_numpy(x).permute(0, 3, 1, 2))  # before its ReLU: negative values kept
+        assert float((conv5 < 0).float().mean()) > 0.1
+        expected = _torch_attentive_netvlad(torch, conv5, conv5, fc, variables["params"]["head"]["netvlad"])
+    np.testing.assert_allclose(np.asarray(desc), expected, atol=2e-5)
+
+    authors = {f"backbone.{k}": v.numpy() for k, v in state.items()}
+    authors.update({"netvlad_layer.centroids": np.asarray(variables["params"]["head"]["netvlad"]["centroids"]),
+                    "netvlad_layer.conv.weight": np.transpose(
+                        np.asarray(variables["params"]["head"]["netvlad"]["conv"]["kernel"]), (3, 2, 0, 1))})
+    converted = apply_rules(authors, cnn_rules(cfg))
+    again = build_model(cfg).apply({"params": converted["params"]}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(again), np.asarray(desc), atol=1e-6)
 
 
 def tiny_adageo_config(root, **adageo):

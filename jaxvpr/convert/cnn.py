@@ -235,10 +235,16 @@ def dirtorch_rules(cfg) -> list[Rule]:
     return rules + (whitening_rules() if cfg.whiten else [])
 
 
-def places365_rules(depth: int = 18) -> list[Rule]:
+def places365_rules(depth: int | None = 18) -> list[Rule]:
     """A torchvision ResNet with its classifier, as the CSAIL Places365 releases store it
     (``resnet18_places365.pth.tar``: ``conv1``, ``bn1``, ``layer<i>.<j>.*``, ``fc`` 512 -> 365; ``module.``
-    stripped on reading): the backbone and the CAM's scene classifier (``head/fc``) of an AdAGeo model."""
+    stripped on reading): the backbone and the CAM's scene classifier (``head/fc``) of an AdAGeo model.
+    ``depth=None``: AdAGeo's AlexNet (``alexnet_057.pth``, never released: torchvision's ``features.<i>``
+    convs and the GAP classifier ``fc`` 256 -> 365, the layout of the authors' ``src/alexnet.py``)."""
+    from jaxvpr.models.alexnet import ALEXNET_CONV_INDICES
+
+    if depth is None:
+        return sequential_conv_rules(ALEXNET_CONV_INDICES, "features.") + linear_rules("fc", ("head", "fc"))
     return resnet_rules(depth, 4, "", sequential=False) + linear_rules("fc", ("head", "fc"))
 
 
@@ -247,10 +253,14 @@ def adageo_rules(cfg) -> list[Rule]:
     (the CAM's classifier), ``netvlad_layer.{centroids, conv.weight}``. Its state dict also holds
     ``weight_softmax`` (the same tensor as ``backbone.fc.weight``) and ``grl_discriminator.*``
     (training only): read it with ``strict=False``."""
-    from jaxvpr.models.registry import resnet_spec
+    from jaxvpr.models.alexnet import ALEXNET_CONV_INDICES
+    from jaxvpr.models.registry import backbone_family, resnet_spec
 
-    depth, _ = resnet_spec(cfg.backbone)
-    rules = resnet_rules(depth, 4, "backbone.", sequential=False) + linear_rules("backbone.fc", ("head", "fc"))
+    if backbone_family(cfg.backbone) == "alexnet":
+        rules = sequential_conv_rules(ALEXNET_CONV_INDICES, "backbone.features.")
+    else:
+        rules = resnet_rules(resnet_spec(cfg.backbone)[0], 4, "backbone.", sequential=False)
+    rules += linear_rules("backbone.fc", ("head", "fc"))
     return rules + [Rule("netvlad_layer.centroids", ("params", "head", "netvlad", "centroids"), "identity"),
                     *conv_rules("netvlad_layer.conv", ("head", "netvlad", "conv"), bias=False)]
 

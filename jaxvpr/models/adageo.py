@@ -16,6 +16,10 @@ The head, as AdAGeo's code (``src/network.py``, recipes_facts §A.2.2)::
     f_i    = a_i * feat_nbn_i                        attended features (eq. 6)
     desc   = NetVLAD(f)                              64 clusters: 32768-d
 
+AdAGeo's AlexNet variant (paper Table 2; the authors' ``src/alexnet.py``, recipes_facts §A.2.1) has
+no BatchNorm: its conv5 map *before* the ReLU is both ``feat_bn`` and ``feat_nbn``
+(``shared_map=True``: the head takes that one map), and its classifier is GAP + Linear(256, 365).
+
 The CAM is not upsampled (the paper's upsampling is for its figures). Without ``attention`` the head
 is NetVLAD on ``feat_bn``. **NetVLAD cancels the attention** (§A.2.2): it L2-normalises each local
 feature first, and ``a_i > 0`` is one scalar per position, so ``normalize(a_i f_i) = normalize(f_i)``
@@ -53,14 +57,18 @@ def cam_attention(feat_bn: jax.Array, kernel: jax.Array, logits: jax.Array) -> j
 
 
 class CamNetVLAD(nn.Module):
-    """``(feat_bn, feat_nbn)`` -> NetVLAD descriptor, with the CAM attention of AdAGeo (module doc)."""
+    """``(feat_bn, feat_nbn)`` -> NetVLAD descriptor, with the CAM attention of AdAGeo (module doc);
+    with ``shared_map`` one map that is both (AdAGeo's AlexNet: conv5 before its ReLU)."""
 
     num_clusters: int = 64
     num_classes: int = 365
     attention: bool = True
+    shared_map: bool = False
 
     @nn.compact
     def __call__(self, maps, train: bool = False) -> jax.Array:
+        if self.shared_map:
+            maps = (maps, maps)
         if not isinstance(maps, tuple):
             raise ValueError("CamNetVLAD takes (feat_bn, feat_nbn): build the ResNet with pre_bn_output=True")
         feat_bn, feat_nbn = maps

@@ -81,7 +81,8 @@ Named CNN models and the published weights they load (``python -m jaxvpr.convert
 * ``netvlad_resnet18conv4_64``: the VG benchmark's ResNet-18 (to layer3) + NetVLAD-64.
 * ``adageo_resnet18_netvlad_64``: AdAGeo (Berton et al., WACV 2021) phase 2, ResNet-18 (Places365
   classifier kept as the CAM's fc) + CAM attention + NetVLAD-64; ``adageo_resnet18_netvlad_64_noatt``
-  its NetVLAD baseline (the same network without attention).
+  its NetVLAD baseline (the same network without attention); ``adageo_alexnet_netvlad_64`` (``_noatt``)
+  the paper's AlexNet variant (conv5 before its ReLU as both maps, conv4 + conv5 trained).
 * ``netvlad_vgg16_32768`` / ``netvlad_vgg16_4096``: NetVLAD (Arandjelovic et al., CVPR 2016)
   VGG16 conv5_3 + NetVLAD-64, without / with the 4096-d PCA whitening; ``caffe`` input and the
   ``openibl`` layout (``EmbedNet`` / ``EmbedNetPCA``): NetVLAD weights trained with OpenIBL load
@@ -282,6 +283,10 @@ _NAMED: dict[str, dict[str, Any]] = {
     "adageo_resnet18_netvlad_64": dict(backbone="resnet18", head="cam_netvlad", num_clusters=64),
     "adageo_resnet18_netvlad_64_noatt": dict(backbone="resnet18", head="cam_netvlad", num_clusters=64,
                                              attention=False),
+    # ... and its AlexNet variant (paper Table 2): conv5 before its ReLU, conv4+conv5 train, GAP + fc 256 -> 365.
+    "adageo_alexnet_netvlad_64": dict(backbone="alexnet", head="cam_netvlad", num_clusters=64),
+    "adageo_alexnet_netvlad_64_noatt": dict(backbone="alexnet", head="cam_netvlad", num_clusters=64,
+                                            attention=False),
     # MixVPR (Ali-bey et al., WACV 2023): ResNet-50 up to layer3, 320x320 input; the three released
     # models resnet50_MixVPR_{D}_channels({C})_rows({R}): 4096 = 1024 x 4, 512 = 256 x 2, 128 = 64 x 2.
     **{f"mixvpr_resnet50_{channels * rows}": dict(
@@ -380,9 +385,10 @@ def model_config(name_or_cfg: str | Mapping[str, Any], **overrides: Any) -> ml_c
     family = backbone_family(fields["backbone"])
     if head in ("salad", "anyloc", "cls") and family != "dinov2":
         raise ValueError(f"head {head!r} needs a DINOv2 backbone, got {fields['backbone']!r}")
-    if head == "cam_netvlad" and (family != "resnet" or resnet_spec(fields["backbone"])[0] not in (18, 34)):
+    if head == "cam_netvlad" and not (family == "alexnet" or (family == "resnet" and
+                                                               resnet_spec(fields["backbone"])[0] in (18, 34))):
         raise ValueError(f"head 'cam_netvlad' needs a BasicBlock ResNet (resnet18/resnet34, AdAGeo's noBN "
-                         f"ResNet-18), got {fields['backbone']!r}")
+                         f"ResNet-18) or alexnet, got {fields['backbone']!r}")
     if family == "dinov2" and head not in ("salad", "anyloc", "cls"):
         raise ValueError(f"DINOv2 backbones work with heads 'salad', 'anyloc' or 'cls', got {head!r}")
     if head == "anyloc":
@@ -562,7 +568,8 @@ def build_model(cfg: ml_collections.ConfigDict | str | Mapping[str, Any]) -> VPR
     elif head == "cam_netvlad":
         from jaxvpr.models.adageo import CamNetVLAD
 
-        head_module = CamNetVLAD(num_clusters=cfg.num_clusters, num_classes=cfg.num_classes, attention=cfg.attention)
+        head_module = CamNetVLAD(num_clusters=cfg.num_clusters, num_classes=cfg.num_classes, attention=cfg.attention,
+                                 shared_map=family == "alexnet")
     elif head == "anyloc":
         anyloc = _import_b2("jaxvpr.models.anyloc", cfg)
         head_module = anyloc.AnyLocVLAD(num_clusters=cfg.num_clusters, num_channels=feature_dim(cfg))

@@ -100,11 +100,11 @@ def make_train_step(model, disc: DomainDiscriminator, tx, disc_tx, config: Confi
         metrics = {"triplet_loss": triplet, "pos_distance": d_pos.mean(), "neg_distance": d_neg.mean()}
         if "neg_mask" in batch:
             metrics["counted_negatives"] = jnp.mean(batch["neg_mask"].astype(jnp.float32))
-        stats, total = mutated["batch_stats"], triplet
+        stats, total = mutated.get("batch_stats", batch_stats), triplet
         if grl_on:
             (_, pooled), mutated = model.apply({"params": p, "batch_stats": stats}, batch["grl_image"], train=True,
                                                return_features=True, mutable=["batch_stats"])
-            stats = mutated["batch_stats"]
+            stats = mutated.get("batch_stats", stats)
             logits = disc.apply({"params": disc_params}, pooled, grl_coeff=grl_coeff)
             ce, accuracy = losses.domain_loss_and_accuracy(logits, batch["grl_domain"])
             total = triplet + weight * ce
@@ -276,7 +276,7 @@ class AdAGeoTrainer(TripletTrainer):
             raise CheckpointError(f"adageo.backbone_checkpoint {path} has backbone {cfg.backbone!r}, the run "
                                   f"{self.model_cfg.backbone!r}.")
         out = {k: dict(v) for k, v in variables.items()}
-        for collection in ("params", "batch_stats"):
+        for collection in [c for c in ("params", "batch_stats") if "backbone" in variables.get(c, {})]:
             check_tree_matches(variables[collection]["backbone"], loaded[collection]["backbone"],
                                f"{path} (adageo.backbone_checkpoint, {collection})")
             out[collection]["backbone"] = jax.tree.map(np.asarray, loaded[collection]["backbone"])
@@ -437,10 +437,11 @@ def load_places365(variables: dict, path: str, model_cfg) -> dict:
     from jaxvpr.convert.cnn import places365_rules
     from jaxvpr.convert.io import read_state_dict
     from jaxvpr.convert.rules import CheckpointMismatchError, apply_rules
-    from jaxvpr.models.registry import resnet_spec
+    from jaxvpr.models.registry import backbone_family, resnet_spec
 
     state_dict = read_state_dict(path)
-    rules = places365_rules(resnet_spec(model_cfg.backbone)[0])
+    alexnet = backbone_family(model_cfg.backbone) == "alexnet"
+    rules = places365_rules(None if alexnet else resnet_spec(model_cfg.backbone)[0])
     names = {r.torch_name for r in rules}
     missing, unexpected = sorted(names - set(state_dict)), sorted(set(state_dict) - names)
     if missing or unexpected:
@@ -448,7 +449,7 @@ def load_places365(variables: dict, path: str, model_cfg) -> dict:
                                       f"layout): missing {missing[:5]}, unexpected {unexpected[:5]}.")
     loaded = apply_rules(state_dict, rules)
     out = {k: dict(v) for k, v in variables.items()}
-    for collection in ("params", "batch_stats"):
+    for collection in ("params", "batch_stats")[:1 if alexnet else 2]:  # AlexNet has no BatchNorm
         check_tree_matches(variables[collection]["backbone"], loaded[collection]["backbone"], f"{path} ({collection})")
         out[collection]["backbone"] = loaded[collection]["backbone"]
     fc = loaded["params"]["head"]["fc"]
