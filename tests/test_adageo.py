@@ -105,7 +105,7 @@ def test_domain_sampler_draws_domains_uniformly_and_images_within_them():
         pipeline.DomainSampler([3, 0])
 
 
-def _adageo_state(cfg, config, tx, disc, disc_tx, image_size):
+def _adageo_state(cfg, tx, disc, disc_tx, image_size):
     from jaxvpr.train import adageo
 
     variables = init_variables(cfg, jax.random.key(0), image_size)
@@ -139,7 +139,7 @@ def test_three_domain_discriminator_learns_in_the_real_step_at_coefficient_zero(
     cfg = model_config(config.model.name, num_classes=4)
     model, disc = build_model(cfg), DomainDiscriminator(n_domains=3)
     tx, disc_tx = optax.adam(1e-4), optax.adam(float(config.adageo.grl_lr))
-    state = _adageo_state(cfg, config, tx, disc, disc_tx, (48, 48))
+    state = _adageo_state(cfg, tx, disc, disc_tx, (48, 48))
     step = jax.jit(adageo.make_train_step(model, disc, tx, disc_tx, config, frozen=None, grl_on=True))
 
     domains = [fmt.read_image_folder(tiny_city / f).abs_paths()
@@ -178,7 +178,7 @@ def test_alexnet_variant_trains_in_the_adageo_step_without_batchnorm():
     cfg = model_config("adageo_alexnet_netvlad_64", num_classes=4)
     model, disc = build_model(cfg), DomainDiscriminator(n_domains=3)
     tx, disc_tx = optax.adam(1e-3), optax.adam(1e-3)
-    state = start = _adageo_state(cfg, config, tx, disc, disc_tx, (64, 64))
+    state = start = _adageo_state(cfg, tx, disc, disc_tx, (64, 64))
     step = jax.jit(adageo.make_train_step(model, disc, tx, disc_tx, config, frozen_params_mask(cfg), grl_on=True))
     rng = np.random.default_rng(0)
     for _ in range(3):

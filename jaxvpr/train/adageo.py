@@ -276,7 +276,7 @@ class AdAGeoTrainer(TripletTrainer):
             raise CheckpointError(f"adageo.backbone_checkpoint {path} has backbone {cfg.backbone!r}, the run "
                                   f"{self.model_cfg.backbone!r}.")
         out = {k: dict(v) for k, v in variables.items()}
-        for collection in [c for c in ("params", "batch_stats") if "backbone" in variables.get(c, {})]:
+        for collection in backbone_collections(variables):
             check_tree_matches(variables[collection]["backbone"], loaded[collection]["backbone"],
                                f"{path} (adageo.backbone_checkpoint, {collection})")
             out[collection]["backbone"] = jax.tree.map(np.asarray, loaded[collection]["backbone"])
@@ -430,6 +430,12 @@ class AdAGeoTrainer(TripletTrainer):
         return results
 
 
+def backbone_collections(variables: dict) -> list[str]:
+    """The variable collections that hold backbone weights: ``params``, and ``batch_stats`` unless the
+    backbone has no BatchNorm (AlexNet)."""
+    return [c for c in ("params", "batch_stats") if "backbone" in variables.get(c, {})]
+
+
 def load_places365(variables: dict, path: str, model_cfg) -> dict:
     """``variables`` with the backbone and the CAM's classifier of a torchvision-layout ResNet file (the
     CSAIL ``resnet18_places365.pth.tar``, AdAGeo's start); NetVLAD keeps its (k-means) initialisation."""
@@ -449,7 +455,7 @@ def load_places365(variables: dict, path: str, model_cfg) -> dict:
                                       f"layout): missing {missing[:5]}, unexpected {unexpected[:5]}.")
     loaded = apply_rules(state_dict, rules)
     out = {k: dict(v) for k, v in variables.items()}
-    for collection in ("params", "batch_stats")[:1 if alexnet else 2]:  # AlexNet has no BatchNorm
+    for collection in backbone_collections(variables):
         check_tree_matches(variables[collection]["backbone"], loaded[collection]["backbone"], f"{path} ({collection})")
         out[collection]["backbone"] = loaded[collection]["backbone"]
     fc = loaded["params"]["head"]["fc"]

@@ -243,7 +243,7 @@ def device_augmentation(config: ConfigDict):
 class TrainData:
     folder: fmt.ImageFolder
     groups: list[list[list[int]]]       # per group, per class: image indices
-    target_paths: ImageSource | None    # unlabeled target images (files or a packed folder)
+    target_images: ImageSource | None    # unlabeled target images (files or a packed folder)
 
 
 def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainData:
@@ -259,14 +259,14 @@ def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainDat
             raise ValueError(
                 f"Group {g} has {len(classes)} classes, fewer than train.batch_size={t.batch_size}: a batch holds "
                 "distinct classes. Lower train.batch_size or train.min_images_per_class.")
-    target_paths = None
+    target_images = None
     if config.grl.enabled:
         if not config.data.target_folder:
             raise ValueError("grl.enabled needs config.data.target_folder (a folder of unlabeled target images).")
         target = fmt.resolve_folder(root, config.data.target_folder, "Target-domain")
-        target_paths = fmt.folder_images(target)[0]
+        target_images = fmt.folder_images(target)[0]
     logging.info("training images %d, classes per group %s", len(folder), [len(g) for g in groups])
-    return TrainData(folder, groups, target_paths)
+    return TrainData(folder, groups, target_images)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -384,7 +384,7 @@ class CosPlaceTrainer(Trainer):
         target = None
         if config.grl.enabled:
             target = pipeline.train_batches(
-                self.data.target_paths, pipeline.UniformSampler(len(self.data.target_paths)),
+                self.data.target_images, pipeline.UniformSampler(len(self.data.target_images)),
                 config.grl.target_batch_size, self.target_augment, seed=epoch_seed(config.seed, epoch, 1),
                 start_step=start, process_index=pid, process_count=pcount, num_workers=config.data.num_workers)
         coeff = grl_coefficient(epoch, t.epochs, config.grl.gamma) if config.grl.enabled else 0.0
