@@ -113,14 +113,19 @@ def test_device_augment_of_a_batch_equals_the_host_ops_on_its_drawn_parameters()
 
 
 def test_taps_hold_the_dense_weights():
-    for (start, length, n_in, n_out) in [(0, 37, 37, 11), (5, 20, 37, 45), (3, 30, 53, 30)]:
-        index, w = map(np.asarray, da.antialias_taps(jnp.int32(start), jnp.int32(length), n_in, n_out))
-        dense = np.zeros((n_out, n_in), np.float32)
-        np.add.at(dense, (np.arange(n_out)[:, None].repeat(index.shape[1], 1), index), w)
-        ref = np.zeros((n_out, n_in), np.float32)
-        ref[:, start:start + length] = augment.antialias_weights(length, n_out)
-        np.testing.assert_allclose(dense, ref, atol=5e-6)  # float32 here, float64 on the host path
-        assert index.shape[1] == math.floor(2 * max(n_in / n_out, 1)) + 2
+    # Every window length of each axis size (so every scale, up- and downsampling): K = floor(2 *
+    # support) + 1 taps hold every non-zero weight of the host path's dense matrix.
+    for n_in, n_out in [(37, 11), (53, 30), (64, 64), (40, 24), (24, 40)]:
+        taps = jax.jit(da.antialias_taps, static_argnums=(2, 3))
+        for length in range(1, n_in + 1):
+            start = (n_in - length) // 2
+            index, w = map(np.asarray, taps(jnp.int32(start), jnp.int32(length), n_in, n_out))
+            assert index.shape[1] == (2 if n_in <= n_out else math.floor(2 * n_in / n_out) + 1)
+            dense = np.zeros((n_out, n_in), np.float32)
+            np.add.at(dense, (np.arange(n_out)[:, None].repeat(index.shape[1], 1), index), w)
+            ref = np.zeros((n_out, n_in), np.float32)
+            ref[:, start:start + length] = augment.antialias_weights(length, n_out)
+            np.testing.assert_allclose(dense, ref, atol=5e-6, err_msg=f"{n_in} -> {n_out}, length {length}")
 
 
 def test_cosplace_trains_with_the_augmentation_on_the_device(tiny_root, tmp_path):
