@@ -95,6 +95,21 @@ def demo_nogrl() -> ConfigDict:
     return c
 
 
+def demo_baseline_device() -> ConfigDict:
+    """``demo_baseline`` with CosPlace's augmentation inside the jitted step (``data.augment_on="device"``)."""
+    c = demo_baseline()
+    c.data.augment_on = "device"
+    return c
+
+
+def demo_device() -> ConfigDict:
+    """``demo`` with the augmentation on the device, for the baseline and the GRL fine-tuning alike."""
+    c = demo()
+    c.data.augment_on = "device"
+    c.model.init_checkpoint = "config:demo_baseline_device"
+    return c
+
+
 # --- CosPlace + GRL with the thesis' data (configs/grl_sfxl.py, grl_tokyo.py) ---
 
 def grl_sfxl() -> ConfigDict:
@@ -251,8 +266,8 @@ def triplet_demo() -> ConfigDict:
 
 
 PRESETS: dict[str, Callable[..., ConfigDict]] = {
-    f.__name__: f for f in (demo_baseline, study_baseline, demo, demo_nogrl, grl_sfxl, grl_tokyo, adageo_demo,
-                            adageo_demo_netvlad, ddda_demo, adageo_svox, triplet_demo)
+    f.__name__: f for f in (demo_baseline, study_baseline, demo, demo_nogrl, demo_baseline_device, demo_device,
+                            grl_sfxl, grl_tokyo, adageo_demo, adageo_demo_netvlad, ddda_demo, adageo_svox, triplet_demo)
 }
 PRESETS.update({f"adageo_svox_{d}": (lambda d=d: adageo_svox(d)) for d in SVOX_DOMAINS})
 
