@@ -84,7 +84,10 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     step_1, a = final_params(one)
     step_2, b = final_params(two)
     assert step_1 == step_2 == 4
-    assert_same_training(a, b)
+    # min_close 0.9, as the other topology tests: BatchNorm arrays have 64 channels, and a running mean
+    # downstream of a weight that Adam moved by ~lr on one side only may differ (on an AVX-512 EPYC,
+    # 2026-12-07: 2 of bn1's 64 running means, within the absolute bound).
+    assert_same_training(a, b, min_close=0.9)
     # Same training curve and the same test recalls, written once by process 0.
     epochs = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()
                         if json.loads(l)["kind"] == "epoch"]
@@ -94,7 +97,11 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     ra = json.loads((one / "results.json").read_text())
     rb = json.loads((two / "results.json").read_text())
     for q in ("queries", "queries_night"):
-        assert ra["test"][q]["results"][0]["recall"] == pytest.approx(rb["test"][q]["results"][0]["recall"], abs=1e-6)
+        # One query may cross a rank boundary with parameters ~1e-4 apart (on an AVX-512 EPYC,
+        # 2026-12-07: R@20 92 against 90 of 50 queries); before, the recalls were equal to the digit.
+        one_query = 100.0 / ra["test"][q]["num_queries"]
+        assert ra["test"][q]["results"][0]["recall"] == pytest.approx(rb["test"][q]["results"][0]["recall"],
+                                                                     abs=one_query + 1e-6)
 
     # Resume on another topology: the 2-process run's end-of-epoch-1 checkpoint, continued by one
     # process with one device, ends where the uninterrupted runs ended.
@@ -108,7 +115,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_city):
     assert "Resuming" in r.stdout
     step_3, c = final_params(three)
     assert step_3 == 4
-    assert_same_training(a, c)
+    assert_same_training(a, c, min_close=0.9)
 
 
 # The triplet demo (indoor floors, mined triplets) cut down to a few steps of a small network.

@@ -149,7 +149,11 @@ def test_triplet_step_on_eight_devices_with_fsdp_matches_one_device(one_device_f
     the global batch's, as on one device)."""
     a, loss_a, _ = one_device_fp32
     b, loss_b, _ = _steps(tmp_path / "eight.npz", 8, "--fsdp")
-    np.testing.assert_allclose(loss_a, loss_b, rtol=5e-4)
+    # Step 1 (the same parameters): the sharded forward gives the same loss. Later steps differ by Adam's
+    # ~lr moves of near-zero gradients summed in another order: 1.1e-3 relative at step 4 on an AVX-512
+    # EPYC (2026-12-07), < 5e-4 on the machines before.
+    np.testing.assert_allclose(loss_a[0], loss_b[0], rtol=1e-5)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=3e-3)
     # BatchNorm layers of 64 channels: a few running means per array move with weights that Adam
     # moved by ~lr on one side only.
     assert_same_training(a, b, steps=4, lr=1e-4, min_close=0.9)
