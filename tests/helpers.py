@@ -21,15 +21,18 @@ def assert_same_training(a, b, steps=4, lr=1e-4, min_close=0.99):
     """Equal to fp tolerance. Adam moves a weight by about lr per step whatever its gradient's size,
     so a weight whose gradient is ~0 may differ by up to ~lr per step between two summation orders:
     such weights must be rare (at most a share 1 - ``min_close`` of a parameter array), and no value
-    may differ by more than 2 * steps * lr. BatchNorm running statistics are held to that absolute
-    bound only: each integrates every weight upstream of it, so where a few of those differ by ~lr,
-    many running means differ by ~1e-4 on values of ~0.1-0.5 (on an AVX-512 EPYC, 2026-12-07: up to
-    45% of a 64-channel array beyond rtol 2e-4, at most 4.3e-4 apart, for 8 devices against 1)."""
+    may differ by more than 2 * steps * lr. BatchNorm running statistics are held to that bound plus
+    2e-3 of their value only: each integrates every weight upstream of it, so where a few of those
+    differ by ~lr, many running means differ by ~1e-4 on values of ~0.1-0.5 (on an AVX-512 EPYC,
+    2026-12-07: up to 45% of a 64-channel array beyond rtol 2e-4, at most 4.3e-4 apart, for 8 devices
+    against 1), and running variances of ~2 by ~1e-3 (the same machine with JAXVPR_CPU_CONV=xla)."""
     assert a.keys() == b.keys()
     for k in a:
-        if "batch_stats" not in k:
-            close = np.isclose(a[k], b[k], rtol=2e-4, atol=2e-5)
-            assert close.mean() >= min_close, (k, close.size - close.sum())
+        if "batch_stats" in k:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2 * steps * lr, err_msg=k)
+            continue
+        close = np.isclose(a[k], b[k], rtol=2e-4, atol=2e-5)
+        assert close.mean() >= min_close, (k, close.size - close.sum())
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2 * steps * lr, err_msg=k)
 
 
