@@ -30,10 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import load_line, machine_line, median  # noqa: E402
-
-JITTER = dict(brightness=0.7, contrast=0.7, saturation=0.7, hue=0.5)
-SCALE = (0.5, 1.0)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from pipeline import CROP_SCALE as SCALE, IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, JITTER  # noqa: E402  (CosPlace's transform)
 
 
 def jax_ops(size: int):
@@ -105,8 +102,8 @@ def main(argv=None):
     print("|---|---|---|---|")
     for name in ours:
         fn, ref = ours[name], theirs[name]
-        key = jax.random.key(0)
-        jax.block_until_ready(fn(on_device, key))  # compile
+        keys = [jax.random.key(r) for r in range(args.rounds + 1)]  # made before timing (fold_in compiles on first use)
+        jax.block_until_ready(fn(on_device, keys[-1]))  # compile
         with torch.no_grad():
             ref(torch_images[0])  # torch's first call
         times = {"jax": [], "torch": []}
@@ -114,7 +111,7 @@ def main(argv=None):
             for side in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
                 t0 = time.perf_counter()
                 if side == "jax":
-                    jax.block_until_ready(fn(on_device, jax.random.fold_in(key, r)))
+                    jax.block_until_ready(fn(on_device, keys[r]))
                 else:
                     with torch.no_grad():
                         for im in torch_images:

@@ -243,7 +243,7 @@ def device_augmentation(config: ConfigDict):
 class TrainData:
     folder: fmt.ImageFolder
     groups: list[list[list[int]]]       # per group, per class: image indices
-    target_images: ImageSource | None    # unlabeled target images (files or a packed folder)
+    target_images: ImageSource | None   # unlabeled target images (files or a packed folder)
 
 
 def load_train_data(config: ConfigDict, root: Path, cache_dir: Path) -> TrainData:
