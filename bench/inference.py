@@ -79,6 +79,7 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
+from jaxvpr import xla_defaults
 from jaxvpr.convert.rules import torch_to_variables
 from jaxvpr.models import build_model, model_config
 
@@ -93,11 +94,13 @@ DEFAULT_ROWS = (
 
 # ----------------------------------------------------------------------------- shared bench helpers
 def machine_line() -> str:
-    """Cores, thread settings and the load average, for the header of every table."""
+    """Cores, thread settings, JAX's CPU convolutions and the load average, for the header of every table."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    conv = "XLA's own" if xla_defaults.YNN_FLAG + "=-individual_convolution" in os.environ.get("XLA_FLAGS", "") \
+        else "jaxlib's choice"
     return (f"{os.cpu_count()} CPU cores; torch {torch.__version__} with {torch.get_num_threads()} threads; "
-            f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device); "
-            f"load average {load}")
+            f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device), "
+            f"{conv} CPU convolutions; load average {load}")
 
 
 def load_line() -> str:

@@ -14,7 +14,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_BASE, "xla-compilation-cache")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jaxvpr  # noqa: E402,F401  (its import applies JAXVPR_CPU_CONV=xla, if set, before any test starts JAX)
+import jaxvpr  # noqa: E402,F401  (its import applies JAXVPR_CPU_CONV before any test starts JAX)
 
 # pytest-xdist's --dist loadfile hands the files to the two workers in collection order: the longest
 # files go first (measured wall times, 2026-12-06), so that the short ones fill the end and the
