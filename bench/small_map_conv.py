@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
-    import jaxvpr  # noqa: F401  (applies JAXVPR_CPU_CONV, if set)
+    import jaxvpr  # noqa: F401  (applies JAXVPR_CPU_CONV's choice of CPU convolutions)
     from jaxvpr.models import layers
     from jaxvpr.models.registry import build_model, init_variables, model_config
 

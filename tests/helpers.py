@@ -25,7 +25,7 @@ def assert_same_training(a, b, steps=4, lr=1e-4, min_close=0.99):
     2e-3 of their value only: each integrates every weight upstream of it, so where a few of those
     differ by ~lr, many running means differ by ~1e-4 on values of ~0.1-0.5 (on an AVX-512 EPYC,
     2026-12-07: up to 45% of a 64-channel array beyond rtol 2e-4, at most 4.3e-4 apart, for 8 devices
-    against 1), and running variances of ~2 by ~1e-3 (the same machine with JAXVPR_CPU_CONV=xla)."""
+    against 1), and running variances of ~2 by ~1e-3 (the same machine with XLA's own convolutions, the default since)."""
     assert a.keys() == b.keys()
     for k in a:
         if "batch_stats" in k:

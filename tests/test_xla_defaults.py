@@ -80,3 +80,21 @@ def test_jaxvpr_imported_takes_convolutions_from_ynnpack_to_xla_unless_told_jaxl
     assert probe("import", **{xla_defaults.SWITCH: "jaxlib"}) == "ynn"
     assert probe("import", **ON) == "xla"
     assert probe("import") == {"xla": "xla", "jaxlib": "ynn"}[xla_defaults.default_choice()]
+
+
+def test_a_cached_baseline_is_keyed_by_the_cpu_convolutions_it_was_trained_with(monkeypatch):
+    """``jaxvpr.train.baseline`` caches trained baselines by config: a run with XLA's own convolutions
+    must not reuse one trained with jaxlib's (cached before they became the default), whose key stays
+    what it was."""
+    from jaxvpr.presets import get
+    from jaxvpr.train.baseline import config_hash
+
+    config = get("demo_baseline")
+    keys = {}
+    for name, flags in (("jaxlib", ""), ("xla", " ".join(xla_defaults.CPU_FLAGS)),
+                        ("xla, more flags", "--xla_force_host_platform_device_count=8 " + " ".join(xla_defaults.CPU_FLAGS))):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        keys[name] = config_hash(config)
+    assert keys["xla"] == keys["xla, more flags"] != keys["jaxlib"]
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_defaults.YNN_FLAG}=individual_dot")  # the user's own choice
+    assert config_hash(config) not in (keys["xla"], keys["jaxlib"])
