@@ -46,7 +46,7 @@ def apply(environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | 
           machine: str | None = None) -> tuple[str, ...]:
     """Adds :data:`CPU_FLAGS` to ``environ["XLA_FLAGS"]`` when the choice (``environ[SWITCH]``, else
     :func:`default_choice`) is ``xla`` and the jaxlib knows the flag; returns the flags added."""
-    asked = environ.get(SWITCH)
+    asked = environ.get(SWITCH) or None  # set but empty: as if unset
     if asked is not None and asked not in CHOICES:
         raise ValueError(f"{SWITCH}={asked!r}: expected 'xla' (XLA's own CPU convolutions, the default on "
                          "x86-64) or 'jaxlib' (jaxlib's choice, YNNPACK's convolutions).")
