@@ -96,8 +96,7 @@ DEFAULT_ROWS = (
 def machine_line() -> str:
     """Cores, thread settings, JAX's CPU convolutions and the load average, for the header of every table."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    conv = "XLA's own" if xla_defaults.YNN_FLAG + "=-individual_convolution" in os.environ.get("XLA_FLAGS", "") \
-        else "jaxlib's choice"
+    conv = "XLA's own" if xla_defaults.ynn_setting() == "-individual_convolution" else "jaxlib's choice"
     return (f"{os.cpu_count()} CPU cores; torch {torch.__version__} with {torch.get_num_threads()} threads; "
             f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device), "
             f"{conv} CPU convolutions; load average {load}")

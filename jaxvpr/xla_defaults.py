@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import warnings
 from collections.abc import MutableMapping
 
@@ -35,6 +36,13 @@ YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = (f"--{YNN_FLAG}=-individual_convolution",)
 TESTED_JAXLIB = ("0.10.",)  # jaxlib versions whose XLA knows the flag (measured with 0.10.2)
 MEASURED_MACHINES = ("x86_64", "AMD64")  # platform.machine() of the CPUs the default was measured on
+
+
+def ynn_setting(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """The value ``XLA_FLAGS`` gives ``--xla_cpu_experimental_ynn_fusion_type`` (the last one), or None:
+    ``-individual_convolution`` means XLA's own convolutions, None jaxlib's choice."""
+    values = re.findall(rf"--{YNN_FLAG}=(\S+)", environ.get("XLA_FLAGS", ""))
+    return values[-1] if values else None
 
 
 def default_choice(machine: str | None = None) -> str:

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -59,11 +58,11 @@ def config_hash(config: ConfigDict) -> str:
     from jaxvpr.data.synthetic_indoor import VERSION as INDOOR_VERSION
 
     versions = {"city_version": VERSION}
-    if xla_defaults.YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+    if (convolutions := xla_defaults.ynn_setting()) is not None:
         # A run with other CPU convolutions rounds differently, and a short run amplifies that: train
         # its own baseline rather than reuse one cached before XLA's own became the default
         # (keys of runs with jaxlib's convolutions are unchanged).
-        versions["cpu_convolutions"] = os.environ["XLA_FLAGS"].split(f"--{xla_defaults.YNN_FLAG}=")[-1].split()[0]
+        versions["cpu_convolutions"] = convolutions
     if str(config.data.synthetic_preset).startswith("indoor_"):
         versions["indoor_version"] = INDOOR_VERSION
     text = json.dumps({"config": json.loads(config.to_json_best_effort(sort_keys=True)), **versions}, sort_keys=True)
